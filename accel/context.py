@@ -1,0 +1,312 @@
+"""The immutable `Context`, and `init` / `shutdown`, which start and end the world.
+
+A Context is facts and configuration only: who this process is, which device, which
+engine, which precision. Transforms return a new one with `Context.record`; nothing that
+changes per step lives here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from accel.errors import LaunchEnvironmentError, MissingDependencyError, NotConnectedError
+from accel.world import World, detect_world
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _to_device(value: str | torch.device) -> torch.device:
+    return value if isinstance(value, torch.device) else torch.device(value)
+
+
+def _to_timedelta(value: float | datetime.timedelta) -> datetime.timedelta:
+    if isinstance(value, datetime.timedelta):
+        return value
+    return datetime.timedelta(seconds=float(value))
+
+
+@attrs.frozen(repr=False)
+class Context:
+    """Facts and configuration of one process in a (possibly distributed) run.
+
+    Immutable: transforms return `attrs.evolve`d copies, and `applied` is the trail of
+    transforms that produced this one.
+
+    >>> ctx = Context()                      # one CPU process, nothing applied
+    >>> ctx.is_main_process, ctx.world_size
+    (True, 1)
+    """
+
+    world: World = attrs.field(factory=World)
+    device: torch.device = attrs.field(default=torch.device("cpu"), converter=_to_device)
+    #: torch.distributed backend of the process group ("gloo", "nccl", ...); None: no group.
+    dist_backend: str | None = None
+    #: the training engine transforms dispatch to: single, ddp, fsdp, deepspeed, xla.
+    backend: str = "single"
+    #: the strategy config `shard_model` applied (accel.DDP(), accel.FSDP(), ...).
+    strategy: Any = None
+    precision: str = "no"
+    grad_accum_steps: int = 1
+    seed: int | None = None
+    #: check shapes across ranks before each collective, instead of hanging on a mismatch.
+    debug: bool = False
+    timeout: datetime.timedelta = attrs.field(default=DEFAULT_TIMEOUT, converter=_to_timedelta)
+    #: the process group collectives use; None is torch's default group.
+    group: Any = attrs.field(default=None, eq=False)
+    #: whether `init` created the default process group, so `shutdown` may destroy it.
+    owns_process_group: bool = attrs.field(default=False, eq=False)
+    applied: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    @property
+    def local_rank(self) -> int:
+        return self.world.local_rank
+
+    @property
+    def local_world_size(self) -> int:
+        return self.world.local_world_size
+
+    @property
+    def node_rank(self) -> int:
+        return self.world.node_rank
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world.num_nodes
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world.world_size > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.world.rank == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self.world.local_rank == 0
+
+    @property
+    def is_last_process(self) -> bool:
+        return self.world.rank == self.world.world_size - 1
+
+    @classmethod
+    def from_process_group(
+        cls,
+        group: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Context:
+        """Adopt a process group someone else started; see `accel.from_process_group`."""
+        return from_process_group(group, device=device, env=env)
+
+    def record(self, description: str, **changes: Any) -> Context:
+        """A copy with `changes` applied and `description` appended to `applied`."""
+        return attrs.evolve(self, applied=(*self.applied, description), **changes)
+
+    def was_applied(self, transform: str) -> bool:
+        """Whether a transform named `transform` (e.g. "with_amp") is in the trail."""
+        return any(step.split("(", 1)[0] == transform for step in self.applied)
+
+    def __repr__(self) -> str:
+        w = self.world
+        parts = [
+            f"rank {w.rank}/{w.world_size}",
+            f"local {w.local_rank}/{w.local_world_size}",
+            f"node {w.node_rank}/{w.num_nodes}",
+            f"device={self.device}",
+            f"dist={self.dist_backend or 'none'}",
+            f"backend={self.backend}",
+            f"precision={self.precision}",
+            f"grad_accum_steps={self.grad_accum_steps}",
+        ]
+        if self.seed is not None:
+            parts.append(f"seed={self.seed}")
+        if self.debug:
+            parts.append("debug")
+        trail = " -> ".join(self.applied) or "nothing"
+        return f"Context({', '.join(parts)}; applied: {trail})"
+
+
+def resolve_device(
+    device: str | torch.device | None, local_rank: int, env: Mapping[str, str]
+) -> torch.device:
+    """The device this process computes on: the explicit choice, ACCEL_DEVICE, or detected.
+
+    Detection order: cuda:LOCAL_RANK, an XLA runtime (PJRT_DEVICE set), mps, cpu.
+    """
+    choice = device if device is not None else env.get("ACCEL_DEVICE") or None
+    if choice is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if env.get("PJRT_DEVICE"):
+            return _xla_device()
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    choice = torch.device(choice)
+    if choice.type == "cuda" and choice.index is None:
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    if choice.type == "xla":
+        return _xla_device()
+    return choice
+
+
+def _xla_device() -> torch.device:
+    try:
+        import torch_xla
+    except ImportError as exc:
+        raise MissingDependencyError("torch_xla", "xla", "an XLA device") from exc
+    return torch_xla.device()
+
+
+def default_dist_backend(device: torch.device) -> str:
+    """nccl for CUDA tensors plus gloo for CPU ones on GPUs; gloo elsewhere."""
+    if device.type == "cuda":
+        return "cpu:gloo,cuda:nccl"
+    if device.type == "xla":
+        return "xla"
+    return "gloo"
+
+
+def init(
+    *,
+    device: str | torch.device | None = None,
+    dist_backend: str | None = None,
+    timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
+    seed: int | None = None,
+    debug: bool | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Context:
+    """Read the launch environment, start the process group when world size > 1.
+
+    Args:
+        device: override the detected device ("cpu", "cuda", "cuda:1", "mps", "xla").
+        dist_backend: torch.distributed backend; default nccl+gloo on CUDA, gloo on CPU.
+        timeout: collective timeout (seconds or timedelta).
+        seed: seed python, numpy and torch on every rank (see `set_seed`).
+        debug: check shapes across ranks before collectives (also ACCEL_DEBUG=1).
+        env: the launch variables; defaults to os.environ.
+
+    Calling init again in the same process returns an equal Context; a process group
+    started by someone else is joined, never replaced.
+
+    >>> ctx = accel.init()
+    >>> ctx.world_size      # 2 under `accel launch -n 2 train.py`
+    """
+    env = os.environ if env is None else env
+    world = detect_world(env)
+    resolved = resolve_device(device, world.local_rank, env)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    ctx = Context(
+        world=world,
+        device=resolved,
+        timeout=timeout,
+        seed=seed,
+        debug=debug if debug is not None else env.get("ACCEL_DEBUG", "").lower() in _TRUE,
+    )
+    if world.world_size > 1:
+        ctx = _join_process_group(ctx, dist_backend or default_dist_backend(resolved), env)
+    if seed is not None:
+        from accel.random import set_seed
+
+        set_seed(seed, ctx)
+    return ctx
+
+
+def _join_process_group(ctx: Context, backend: str, env: Mapping[str, str]) -> Context:
+    world = ctx.world
+    owns = not dist.is_initialized()
+    if owns:
+        # torchrun's agent already serves the store at MASTER_PORT: join it through env://.
+        # Other launchers publish no store, so rank 0 starts one at the master address.
+        use_env = world.launcher in ("torchrun", "deepspeed") and env is os.environ
+        init_method = "env://" if use_env else f"tcp://{world.master_addr}:{world.master_port}"
+        dist.init_process_group(
+            backend, init_method=init_method, rank=world.rank,
+            world_size=world.world_size, timeout=ctx.timeout,
+        )
+    elif (dist.get_rank(), dist.get_world_size()) != (world.rank, world.world_size):
+        raise LaunchEnvironmentError(
+            f"a process group already exists as rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}, but the launch environment says rank {world.rank} of "
+            f"{world.world_size}; use Context.from_process_group() to adopt the existing group"
+        )
+    ctx = attrs.evolve(ctx, dist_backend=dist.get_backend(), owns_process_group=owns)
+    verify_connected(ctx)
+    return ctx
+
+
+def verify_connected(ctx: Context) -> None:
+    """All-reduce a 1 from every rank: the sum must be the world size.
+
+    Also leaves a mark for `accel launch`, which reports ranks that never joined.
+    """
+    probe = torch.ones(1, device=ctx.device if ctx.dist_backend != "gloo" else "cpu")
+    dist.all_reduce(probe, group=ctx.group)
+    if int(probe.item()) != ctx.world_size:
+        raise NotConnectedError(
+            f"rank {ctx.rank} expected {ctx.world_size} connected ranks but counted "
+            f"{int(probe.item())}: the processes did not join one process group"
+        )
+    launch_dir = os.environ.get("ACCEL_LAUNCH_DIR")
+    if launch_dir:
+        Path(launch_dir, f"joined-{ctx.rank}").touch()
+
+
+def shutdown(ctx: Context) -> None:
+    """Destroy the process group if (and only if) `init` created it."""
+    if ctx.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def from_process_group(
+    group: Any = None,
+    *,
+    device: str | torch.device | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Context:
+    """A Context for a world someone else started (Lightning, a Trainer, your own code).
+
+    Reads rank and world size from `group` (default: torch's default group); accel never
+    destroys that group. Local rank and node come from the launch variables when they
+    describe the same world, else every rank is taken to be on one node.
+
+    >>> dist.init_process_group("gloo")            # done by your framework
+    >>> ctx = accel.Context.from_process_group()
+    """
+    if not dist.is_initialized():
+        raise LaunchEnvironmentError(
+            "Context.from_process_group() needs an initialised torch.distributed process "
+            "group; call torch.distributed.init_process_group() first, or use accel.init()"
+        )
+    env = os.environ if env is None else env
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    launched = detect_world(env)
+    if (launched.rank, launched.world_size) == (rank, size):
+        world = launched
+    else:
+        world = World(rank=rank, world_size=size, local_rank=rank, local_world_size=size,
+                      launcher="external")
+    ctx = Context(world=world, device=resolve_device(device, world.local_rank, env),
+                  dist_backend=dist.get_backend(group), group=group)
+    verify_connected(ctx)
+    return ctx

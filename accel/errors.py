@@ -1,0 +1,51 @@
+"""Exception types raised by accel. Every message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class AccelError(Exception):
+    """Base class of every error accel raises on purpose."""
+
+
+class LaunchEnvironmentError(AccelError):
+    """The launch environment (torchrun, SLURM, MPI, ...) is incomplete or inconsistent."""
+
+
+class NotConnectedError(AccelError):
+    """Ranks that should form one world did not join the same process group."""
+
+
+class TransformOrderError(AccelError):
+    """A transform was applied twice, or in an order that cannot work."""
+
+
+class IncompatibleOptionsError(AccelError):
+    """Two options, or an option and the Context, contradict each other."""
+
+
+class MissingDependencyError(AccelError, ImportError):
+    """An optional package (deepspeed, torch_xla, torchao, ...) is not installed."""
+
+    def __init__(self, package: str, extra: str, purpose: str):
+        super().__init__(
+            f"{purpose} needs the package {package!r}, which is not installed. "
+            f"Install it with: pip install 'accel[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+class UnsupportedError(AccelError):
+    """The requested feature cannot run on this hardware or backend."""
+
+
+class CollectiveMismatchError(AccelError):
+    """Ranks passed tensors of different shapes or types to one collective (debug mode)."""
+
+
+class WorldTimeoutError(AccelError, TimeoutError):
+    """A multi-process run did not finish in time."""
+
+
+class RankFailedError(AccelError):
+    """A rank of a multi-process run raised; the message carries its traceback."""
