@@ -226,7 +226,7 @@ def init(
     if world.world_size > 1:
         ctx = _join_process_group(ctx, dist_backend or default_dist_backend(resolved), env)
     if seed is not None:
-        from accel.random import set_seed
+        from accel.seeding import set_seed
 
         set_seed(seed, ctx)
     return ctx

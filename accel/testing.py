@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import pickle
 import queue as queue_module
 import socket
 import time
@@ -94,7 +95,7 @@ def _collect(procs: list[Any], results: Any, timeout: float) -> list[Any]:
             continue
         if status == "error":
             raise RankFailedError(f"rank {rank} of {len(procs)} failed:\n{payload}")
-        outcome[rank] = payload
+        outcome[rank] = pickle.loads(payload)
     return [outcome[rank] for rank in range(len(procs))]
 
 
@@ -129,7 +130,9 @@ def _rank_main(fn, rank, world_size, port, args, env, init_kwargs, results) -> N
             result = fn(ctx, *args)
         finally:
             shutdown(ctx)
-        results.put(("ok", rank, result))
+        # Plain pickle bytes: torch's queue pickler would share tensor memory through file
+        # descriptors that die with this process before the parent reads them.
+        results.put(("ok", rank, pickle.dumps(result)))
     except BaseException:  # noqa: B036 - any failure must reach the parent, not hang it
         results.put(("error", rank, traceback.format_exc()))
 

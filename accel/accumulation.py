@@ -1,0 +1,119 @@
+"""Gradient accumulation: k micro-batches per optimizer update, synchronised once.
+
+On a micro-step that does not end the cycle, ranks do not exchange gradients (DDP's
+`no_sync`; FSDP2's `set_requires_gradient_sync(False)`), the optimizer does not step and
+does not zero. Skipping that all-reduce is what keeps multi-node accumulation fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from accel.backends import backend_for
+from accel.context import Context
+from accel.errors import IncompatibleOptionsError, TransformOrderError
+from accel.optim import AccelOptimizer
+
+
+class GradientAccumulation:
+    """The micro-step counter of one (model, optimizer, loader) triple."""
+
+    def __init__(self, steps: int, model: nn.Module, loader: Any, sync_each_batch: bool,
+                 backend: Any):
+        self.steps = steps
+        self.micro_step = 0  # micro-steps already taken in the current cycle
+        self.model = model
+        self.loader = loader
+        self.sync_each_batch = sync_each_batch
+        self._backend = backend
+        self._handle = model.register_forward_pre_hook(self._before_forward)
+
+    @property
+    def is_boundary(self) -> bool:
+        """Whether the current micro-step is the last of its cycle (or of the epoch)."""
+        last_batch = self.loader is not None and self.loader.is_last_batch
+        return self.micro_step + 1 >= self.steps or last_batch
+
+    def advance(self) -> bool:
+        """Count one micro-step; True (and a new cycle) when it was a boundary."""
+        boundary = self.is_boundary
+        self.micro_step = 0 if boundary else self.micro_step + 1
+        return boundary
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        # The engines read the sync switch at forward time (DDP prepares its reducer then).
+        if getattr(module, "_accel_no_sync_depth", 0) == 0:
+            self._backend.set_grad_sync(module, self.sync_each_batch or self.is_boundary)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"micro_step": self.micro_step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.micro_step = int(state["micro_step"])
+
+    def remove(self) -> None:
+        """Detach from the model (the forward hook) and the optimizer."""
+        self._handle.remove()
+
+
+def accumulate_grads(
+    model: nn.Module,
+    optimizer: AccelOptimizer,
+    ctx: Context,
+    *,
+    steps: int,
+    loader: Any = None,
+    sync_each_batch: bool = False,
+) -> tuple[nn.Module, AccelOptimizer, Context]:
+    """Update the parameters once every `steps` micro-batches (and at the loader's end).
+
+    Call `accel.backward`, `optimizer.step()` and `optimizer.zero_grad()` on every
+    micro-batch as usual: the loss is divided by `steps`, gradients are synchronised only
+    on the last micro-batch of each cycle, and step/zero_grad act only there.
+
+    Args:
+        steps: micro-batches per optimizer update.
+        loader: the loader from `distribute_loader`; its last batch ends a cycle early.
+        sync_each_batch: synchronise gradients on every micro-batch (less memory for
+            sharded engines, more communication).
+
+    >>> model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx, steps=4)
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise IncompatibleOptionsError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(optimizer, AccelOptimizer):
+        raise TransformOrderError("accumulate_grads needs the optimizer from wrap_optimizer; "
+                                  "apply wrap_optimizer first")
+    if optimizer.accumulation is not None or ctx.was_applied("accumulate_grads"):
+        raise TransformOrderError("accumulate_grads was already applied; apply it once")
+    if loader is not None and not hasattr(loader, "is_last_batch"):
+        raise IncompatibleOptionsError(
+            "loader must be the loader returned by accel.distribute_loader (it tells "
+            "accumulate_grads where the epoch ends)"
+        )
+    backend = backend_for(ctx)
+    optimizer.accumulation = GradientAccumulation(steps, model, loader, sync_each_batch, backend)
+    return model, optimizer, ctx.record(f"accumulate_grads(steps={steps})", grad_accum_steps=steps)
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module, ctx: Context) -> Iterator[None]:
+    """Do not synchronise gradients of backward passes whose forward runs in this block.
+
+    >>> with accel.no_sync(model, ctx):
+    ...     accel.backward(model(x).sum(), optimizer, ctx)
+    """
+    backend = backend_for(ctx)
+    depth = getattr(model, "_accel_no_sync_depth", 0)
+    model._accel_no_sync_depth = depth + 1
+    backend.set_grad_sync(model, False)
+    try:
+        yield
+    finally:
+        model._accel_no_sync_depth = depth
+        if depth == 0:
+            backend.set_grad_sync(model, True)

@@ -1,0 +1,64 @@
+"""Engines behind the public transforms: one module per engine, one protocol for all.
+
+A backend module (``single``, ``ddp``; ``fsdp``, ``deepspeed``, ``xla`` slot in the same
+way) defines the functions of `Backend`. Public transforms validate their inputs, then
+call ``backend_for(ctx).<function>``; no public function branches on the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from accel.errors import AccelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from accel.context import Context
+    from accel.optim import AccelOptimizer
+
+#: backend name -> module; an immutable table, extended by adding one file and one line.
+BACKEND_MODULES = {
+    "single": "accel.backends.single",
+    "ddp": "accel.backends.ddp",
+}
+
+
+class Backend(Protocol):
+    """What every module in accel/backends/ provides (checked by tests/test_backends.py)."""
+
+    def wrap_model(self, model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
+        """Place and wrap the model for this engine."""
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        """The user's module inside the engine's wrapper, with its own parameter names."""
+
+    def wrap_optimizer(self, optimizer: AccelOptimizer, ctx: Context) -> AccelOptimizer:
+        """Adapt a wrapped optimizer to the engine (rebinding sharded parameters, ...)."""
+
+    def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
+        """Switch gradient synchronisation across ranks on or off for the next backward."""
+
+    def backward(self, loss: torch.Tensor, optimizer: AccelOptimizer, **kwargs: Any) -> None:
+        """Backpropagate `loss` (already divided for accumulation), scaling it for fp16."""
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
+        """Clip the gradients of `model` in place; return their total norm across ranks."""
+
+
+def backend_for(ctx: Context) -> ModuleType:
+    """The backend module named by ``ctx.backend``."""
+    return load_backend(ctx.backend)
+
+
+def load_backend(name: str) -> ModuleType:
+    try:
+        path = BACKEND_MODULES[name]
+    except KeyError:
+        raise AccelError(
+            f"unknown backend {name!r}; accel has {sorted(BACKEND_MODULES)}"
+        ) from None
+    return importlib.import_module(path)

@@ -1,0 +1,35 @@
+"""One process, no wrapper: the model is placed on ctx.device and trained as it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from accel.context import Context
+
+
+def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
+    return model.to(ctx.device)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return model
+
+
+def wrap_optimizer(optimizer: Any, ctx: Context) -> Any:
+    return optimizer
+
+
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """Nothing to synchronise with one process: gradients simply accumulate."""
+
+
+def backward(loss: torch.Tensor, optimizer: Any, **kwargs: Any) -> None:
+    scaler = optimizer.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward(**kwargs)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)

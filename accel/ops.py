@@ -1,0 +1,442 @@
+"""Collectives on nested data: gather, reduce, broadcast, pad, and moving data to a device.
+
+Every function takes a tensor or any nesting of lists, tuples, namedtuples and mappings of
+tensors, and returns the same structure. Leaves that are not tensors pass through
+unchanged. Collectives run on `ctx.group`, on the device its backend needs (CPU for gloo,
+CUDA for nccl); results come back on the device the input was on. With `ctx.debug`, each
+collective first checks that every rank passes the same shapes and dtypes, and raises
+`CollectiveMismatchError` on every rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from accel.context import Context
+from accel.errors import (
+    AccelError,
+    CollectiveMismatchError,
+    NotConnectedError,
+    UnsupportedError,
+)
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
+               "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+# Device types each torch.distributed backend can communicate; backends not listed
+# (fake, xla, mpi, ucc, custom) take tensors where they are.
+_BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",)}
+
+
+class InvalidArgumentError(AccelError, ValueError):
+    """An argument has a value the function cannot accept (unknown op, src outside the world)."""
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def recursively_apply(fn: Callable[[torch.Tensor], Any], data: Any) -> Any:
+    """Apply `fn` to every tensor in nested lists/tuples/namedtuples/mappings; keep the rest.
+
+    Container types are kept (a namedtuple stays that namedtuple, an OrderedDict stays
+    ordered, a defaultdict keeps its factory); a mapping type that cannot be rebuilt from
+    a dict becomes a plain dict.
+
+    >>> recursively_apply(lambda t: t * 2, {"x": torch.ones(2), "name": "a"})
+    {'x': tensor([2., 2.]), 'name': 'a'}
+    """
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, Mapping):
+        return _rebuild_mapping(data, {k: recursively_apply(fn, v) for k, v in data.items()})
+    if isinstance(data, (list, tuple)):
+        return _rebuild_sequence(data, [recursively_apply(fn, v) for v in data])
+    return data
+
+
+def _rebuild_sequence(original: list | tuple, items: list) -> list | tuple:
+    if isinstance(original, tuple) and hasattr(original, "_fields"):  # namedtuple
+        return type(original)(*items)
+    return type(original)(items)
+
+
+def _rebuild_mapping(original: Mapping, items: dict) -> Mapping:
+    if isinstance(original, defaultdict):
+        return type(original)(original.default_factory, items)
+    try:
+        return type(original)(items)
+    except TypeError:  # a Mapping whose constructor does not take a dict
+        return items
+
+
+def _leaves(data: Any, path: str = "data") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in `data` with its path, e.g. ("data['x'][1]", tensor), in a fixed order."""
+    if isinstance(data, torch.Tensor):
+        return [(path, data)]
+    if isinstance(data, Mapping):
+        return [leaf for k, v in data.items() for leaf in _leaves(v, f"{path}[{k!r}]")]
+    if isinstance(data, (list, tuple)):
+        return [leaf for i, v in enumerate(data) for leaf in _leaves(v, f"{path}[{i}]")]
+    return []
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _require_group(ctx: Context) -> None:
+    if not dist.is_initialized():
+        raise NotConnectedError(
+            f"the Context says world size {ctx.world_size} but no torch.distributed process "
+            "group exists in this process; build the Context with accel.init() or "
+            "accel.Context.from_process_group()"
+        )
+
+
+def _comm_device(tensor: torch.Tensor, ctx: Context) -> torch.device:
+    """Where `tensor` must be for ctx's backend: gloo needs CPU, nccl needs CUDA."""
+    backend = ctx.dist_backend or ""
+    # "cpu:gloo,cuda:nccl" names a backend per device type; "gloo" serves every type.
+    names = [part.split(":")[-1] for part in backend.split(",")]
+    if any(name not in _BACKEND_DEVICES for name in names):
+        return tensor.device
+    allowed = {dev for name in names for dev in _BACKEND_DEVICES[name]}
+    if tensor.device.type in allowed:
+        return tensor.device
+    if "cpu" in allowed:
+        return torch.device("cpu")
+    if ctx.device.type in allowed:
+        return ctx.device
+    raise UnsupportedError(
+        f"the {backend!r} process group cannot communicate {tensor.device} tensors, and this "
+        f"process's device is {ctx.device}; move the data to a {'/'.join(sorted(allowed))} "
+        "device first"
+    )
+
+
+def _to_comm(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """A contiguous copy of `tensor` on the communication device, safe to modify in place."""
+    moved = tensor.to(_comm_device(tensor, ctx))
+    return moved.clone(memory_format=torch.contiguous_format) if moved is tensor \
+        else moved.contiguous()
+
+
+def _global_rank(ctx: Context, group_rank: int) -> int:
+    return group_rank if ctx.group is None else dist.get_global_rank(ctx.group, group_rank)
+
+
+def _check_src(src: int, ctx: Context, name: str) -> None:
+    if not 0 <= src < ctx.world_size:
+        raise InvalidArgumentError(
+            f"{name}: src={src} is not a rank of this world of size {ctx.world_size}; "
+            f"pass a rank between 0 and {ctx.world_size - 1}"
+        )
+
+
+def _debug_check(name: str, data: Any, ctx: Context, *, compare_shapes: bool = True) -> None:
+    """In debug mode: raise on every rank if the ranks' tensors would not fit one collective."""
+    if not ctx.debug:
+        return
+    mine = (name, [(path, tuple(t.shape), str(t.dtype)) for path, t in _leaves(data)])
+    signatures: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(signatures, mine, group=ctx.group)
+    problem = _first_mismatch(signatures, compare_shapes)
+    if problem:
+        raise CollectiveMismatchError(f"{name}: {problem}")
+
+
+def _first_mismatch(signatures: list[Any], compare_shapes: bool) -> str | None:
+    def per_rank(describe: Callable[[Any], str]) -> str:
+        return ", ".join(f"rank {r} {describe(sig)}" for r, sig in enumerate(signatures))
+
+    if len({sig[0] for sig in signatures}) > 1:
+        return "ranks called different collectives: " + per_rank(lambda s: f"called {s[0]}")
+    leaves = [sig[1] for sig in signatures]
+    if len({tuple(path for path, _, _ in leaf) for leaf in leaves}) > 1:
+        return "the data has a different structure across ranks: " + per_rank(
+            lambda s: f"has tensors at {[path for path, _, _ in s[1]] or 'nowhere'}")
+    for i, (path, _, _) in enumerate(leaves[0]):
+        label = "" if path == "data" else f" at {path}"
+        shapes = [leaf[i][1] if compare_shapes else len(leaf[i][1]) for leaf in leaves]
+        if len(set(shapes)) > 1:
+            what = "tensor shapes" if compare_shapes else "numbers of dimensions"
+            return (f"{what} differ across ranks{label}: "
+                    + ", ".join(f"rank {r} {s}" for r, s in enumerate(shapes))
+                    + "; pad them first with accel.pad_across_processes")
+        dtypes = [leaf[i][2] for leaf in leaves]
+        if len(set(dtypes)) > 1:
+            return (f"dtypes differ across ranks{label}: "
+                    + ", ".join(f"rank {r} {d}" for r, d in enumerate(dtypes))
+                    + "; cast them to one dtype first")
+    return None
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def gather(data: Any, ctx: Context) -> Any:
+    """All-gather every tensor and concatenate the ranks' pieces along dim 0, in rank order.
+
+    Tensors must have the same shape on every rank (see `pad_across_processes`); a 0-d
+    tensor becomes a 1-d tensor of length world size, also in a single process, so code
+    sees the same shapes whatever the world.
+
+    >>> gather(torch.tensor([2 * ctx.rank + 1, 2 * ctx.rank + 2]), ctx)  # 2 ranks
+    tensor([1, 2, 3, 4])
+    """
+    if not ctx.is_distributed:
+        return recursively_apply(lambda t: t.reshape(1) if t.dim() == 0 else t, data)
+    _require_group(ctx)
+    _debug_check("gather", data, ctx)
+    return recursively_apply(lambda t: _gather_tensor(t, ctx), data)
+
+
+def _gather_tensor(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    local = _to_comm(tensor.reshape(1) if tensor.dim() == 0 else tensor, ctx)
+    pieces = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(pieces, local, group=ctx.group)
+    return torch.cat(pieces, dim=0).to(tensor.device)
+
+
+def gather_object(obj: Any, ctx: Context) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order; lists and tuples are concatenated.
+
+    >>> gather_object([ctx.rank], ctx)     # 2 ranks
+    [0, 1]
+    >>> gather_object("a" if ctx.rank == 0 else "b", ctx)
+    ['a', 'b']
+    """
+    if ctx.is_distributed:
+        _require_group(ctx)
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, obj, group=ctx.group)
+    else:
+        gathered = [obj]
+    if all(isinstance(item, (list, tuple)) for item in gathered):
+        return [element for item in gathered for element in item]
+    return gathered
+
+
+def reduce(data: Any, ctx: Context, op: str = "mean") -> Any:
+    """Reduce every tensor across ranks with `op`: "mean" (default), "sum", "max" or "min".
+
+    The default is "mean" because the common use is averaging a metric or a loss that
+    each rank computed on its own share of the batch. "mean" of an integer or bool tensor
+    returns a floating tensor (torch's default dtype): a truncated integer mean would be
+    silently wrong. "sum" of a bool tensor counts the True values (int64), as torch.sum.
+    The input is never modified.
+
+    Raises:
+        InvalidArgumentError: `op` is not one of the four.
+
+    >>> reduce(torch.tensor([1.0, 2.0]) + 2 * ctx.rank, ctx, op="sum")  # 2 ranks
+    tensor([4., 6.])
+    """
+    if op not in _REDUCE_OPS:
+        raise InvalidArgumentError(
+            f"reduce: unknown op {op!r}; use one of {', '.join(map(repr, _REDUCE_OPS))}"
+        )
+    if ctx.is_distributed:
+        _require_group(ctx)
+        _debug_check(f"reduce(op={op!r})", data, ctx)
+    return recursively_apply(lambda t: _reduce_tensor(t, ctx, op), data)
+
+
+def _reduce_tensor(tensor: torch.Tensor, ctx: Context, op: str) -> torch.Tensor:
+    if tensor.dtype == torch.bool and op in ("sum", "mean"):
+        tensor = tensor.long()  # gloo and nccl sum bools as logical or
+    if not ctx.is_distributed:
+        return tensor / 1 if op == "mean" and not tensor.is_floating_point() else tensor
+    result = _to_comm(tensor, ctx)
+    dist.all_reduce(result, op=_REDUCE_OPS[op], group=ctx.group)
+    if op == "mean":
+        result = result / ctx.world_size  # true division: ints become floats
+    return result.to(tensor.device)
+
+
+def broadcast(data: Any, ctx: Context, src: int = 0) -> Any:
+    """Every rank gets rank `src`'s tensors; the others' tensors must have the same shapes.
+
+    Returns new tensors; the input is never modified.
+
+    >>> broadcast(torch.tensor([2 * ctx.rank + 1, 2 * ctx.rank + 2]), ctx)  # 2 ranks
+    tensor([1, 2])
+    """
+    _check_src(src, ctx, "broadcast")
+    if not ctx.is_distributed:
+        return data
+    _require_group(ctx)
+    _debug_check("broadcast", data, ctx)
+    return recursively_apply(lambda t: _broadcast_tensor(t, ctx, src), data)
+
+
+def _broadcast_tensor(tensor: torch.Tensor, ctx: Context, src: int) -> torch.Tensor:
+    result = _to_comm(tensor, ctx)
+    dist.broadcast(result, src=_global_rank(ctx, src), group=ctx.group)
+    return result.to(tensor.device)
+
+
+def broadcast_object(obj: Any, ctx: Context, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj`, on every rank.
+
+    >>> config = broadcast_object(read_config() if ctx.is_main_process else None, ctx)
+    """
+    _check_src(src, ctx, "broadcast_object")
+    if not ctx.is_distributed:
+        return obj
+    _require_group(ctx)
+    box = [obj]
+    dist.broadcast_object_list(box, src=_global_rank(ctx, src), group=ctx.group)
+    return box[0]
+
+
+def pad_across_processes(data: Any, ctx: Context, dim: int = 0, pad_index: Any = 0,
+                         pad_first: bool = False) -> Any:
+    """Pad every tensor along `dim` with `pad_index` to the largest size any rank has.
+
+    Use it before `gather` when ranks hold different lengths (generated sequences, the
+    last uneven batch). 0-d tensors pass through (there is nothing to pad). With
+    `pad_first` the padding goes before the data (left padding).
+
+    Raises:
+        InvalidArgumentError: a tensor has no dimension `dim`.
+
+    >>> pad_across_processes(torch.ones(3 - ctx.rank), ctx)  # rank 1 of 2
+    tensor([1., 1., 0.])
+    """
+    if ctx.is_distributed:
+        _require_group(ctx)
+        _debug_check("pad_across_processes", data, ctx, compare_shapes=False)
+    leaves = [t for _, t in _leaves(data) if t.dim() > 0]
+    for tensor in leaves:
+        if not -tensor.dim() <= dim < tensor.dim():
+            raise InvalidArgumentError(
+                f"pad_across_processes: dim={dim} is out of range for a tensor of shape "
+                f"{tuple(tensor.shape)}; pass a dim every tensor has"
+            )
+    if not ctx.is_distributed or not leaves:
+        return data
+    # One collective for the sizes of all tensors, instead of one per tensor.
+    sizes = torch.tensor([t.shape[dim] for t in leaves], dtype=torch.int64)
+    all_sizes = _gather_tensor(sizes, ctx).reshape(ctx.world_size, -1)
+    targets = iter(all_sizes.max(dim=0).values.tolist())
+
+    def pad(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 0:
+            return tensor
+        return _pad_tensor(tensor, next(targets), dim, pad_index, pad_first)
+
+    return recursively_apply(pad, data)
+
+
+def _pad_tensor(tensor: torch.Tensor, size: int, dim: int, pad_index: Any,
+                pad_first: bool) -> torch.Tensor:
+    dim = dim % tensor.dim()
+    if tensor.shape[dim] == size:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = size
+    padded = tensor.new_full(shape, pad_index)
+    start = size - tensor.shape[dim] if pad_first else 0
+    padded.narrow(dim, start, tensor.shape[dim]).copy_(tensor)
+    return padded
+
+
+# --------------------------------------------------------------------------- local helpers
+
+
+def send_to_device(data: Any, device: str | int | torch.device, *,
+                   non_blocking: bool | None = None) -> Any:
+    """Move every tensor (and every object with a `.to`, e.g. a BatchEncoding) to `device`.
+
+    Args:
+        non_blocking: default True for pinned CPU tensors going to CUDA, False otherwise.
+            Objects other than tensors get it only when it is given explicitly.
+
+    >>> batch = send_to_device({"ids": ids, "labels": labels}, ctx.device)
+    """
+    target = torch.device(device)
+    if isinstance(data, torch.Tensor):
+        # A pinned host buffer is copied by DMA while the host queues more work; the
+        # copy is ordered on the current stream before any kernel that reads it, so it
+        # is safe. Pageable memory gains nothing from it, and device-to-host copies read
+        # by the CPU right after must block.
+        default = (target.type == "cuda" and data.device.type == "cpu" and data.is_pinned())
+        return data.to(target, non_blocking=default if non_blocking is None else non_blocking)
+    if _has_own_to(data):
+        if non_blocking is not None and _accepts_non_blocking(data.to):
+            return data.to(target, non_blocking=non_blocking)
+        return data.to(target)
+    if isinstance(data, Mapping):
+        moved = {k: send_to_device(v, target, non_blocking=non_blocking) for k, v in data.items()}
+        return _rebuild_mapping(data, moved)
+    if isinstance(data, (list, tuple)):
+        moved_items = [send_to_device(v, target, non_blocking=non_blocking) for v in data]
+        return _rebuild_sequence(data, moved_items)
+    return data
+
+
+def _has_own_to(obj: Any) -> bool:
+    # Plain containers never define .to; a Mapping subclass that does (transformers'
+    # BatchEncoding) knows best how to move itself and its extra attributes.
+    return callable(getattr(obj, "to", None)) and not isinstance(obj, (list, tuple, dict))
+
+
+def _accepts_non_blocking(method: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "non_blocking" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def concatenate(structures: list[Any], dim: int = 0) -> Any:
+    """Concatenate same-structured nested data leaf by leaf (e.g. per-step model outputs).
+
+    0-d tensors count as 1-d, as in `gather`. Non-tensor leaves must be equal in every
+    structure and are kept.
+
+    Raises:
+        InvalidArgumentError: empty input, or structures that differ.
+
+    >>> concatenate([{"x": torch.ones(2)}, {"x": torch.zeros(1)}])
+    {'x': tensor([1., 1., 0.])}
+    """
+    if not structures:
+        raise InvalidArgumentError("concatenate: got an empty list; pass at least one structure")
+    return _concatenate(list(structures), dim, "data")
+
+
+def _concatenate(items: list[Any], dim: int, path: str) -> Any:
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        _require_all(items, lambda x: isinstance(x, torch.Tensor), path, "a tensor")
+        return torch.cat([t.reshape(1) if t.dim() == 0 else t for t in items], dim=dim)
+    if isinstance(first, Mapping):
+        keys = list(first.keys())
+        _require_all(items, lambda x: isinstance(x, Mapping) and list(x.keys()) == keys,
+                     path, f"a mapping with keys {keys}")
+        merged = {k: _concatenate([x[k] for x in items], dim, f"{path}[{k!r}]") for k in keys}
+        return _rebuild_mapping(first, merged)
+    if isinstance(first, (list, tuple)):
+        _require_all(items, lambda x: type(x) is type(first) and len(x) == len(first), path,
+                     f"a {type(first).__name__} of length {len(first)}")
+        merged_items = [_concatenate([x[i] for x in items], dim, f"{path}[{i}]")
+                        for i in range(len(first))]
+        return _rebuild_sequence(first, merged_items)
+    _require_all(items, lambda x: type(x) is type(first) and x == first, path, repr(first))
+    return first
+
+
+def _require_all(items: list[Any], ok: Callable[[Any], bool], path: str, expected: str) -> None:
+    for index, item in enumerate(items):
+        if not ok(item):
+            raise InvalidArgumentError(
+                f"concatenate: structure {index} has {type(item).__name__} at {path} where "
+                f"structure 0 has {expected}; pass structures of the same shape"
+            )
+

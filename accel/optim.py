@@ -1,0 +1,270 @@
+"""The optimizer side of a step: wrap_optimizer, wrap_scheduler, backward, gradient clipping.
+
+The wrapped optimizer holds the per-step state a training loop needs and no Context can:
+the fp16 gradient scaler, the accumulation counter, and whether the last `step()` really
+changed the parameters (`step_was_skipped`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from accel.backends import backend_for
+from accel.context import Context
+from accel.errors import IncompatibleOptionsError, TransformOrderError
+
+
+class AccelOptimizer(torch.optim.Optimizer):
+    """A torch optimizer that knows about gradient scaling and accumulation.
+
+    It is an `Optimizer` (LR schedulers accept it) whose param groups and state are the
+    wrapped optimizer's own. `step()` returns the wrapped step's value, or None when
+    the step was skipped (`step_was_skipped`: an accumulation micro-step, or an fp16
+    overflow).
+    """
+
+    # Deliberately no super().__init__: the wrapped optimizer owns groups, state, hooks.
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: Any = None):
+        self.optimizer = optimizer
+        self.scaler = scaler
+        #: set by accumulate_grads: the micro-step counter and gradient-sync switch.
+        self.accumulation: Any = None
+        self.step_was_skipped = False
+        #: how many times the parameters were really updated.
+        self.real_steps = 0
+
+    # The wrapped optimizer's attributes, so schedulers and user code see one optimizer.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names this class lacks: train()/eval() of schedule-free
+        # optimizers, hook tables, custom attributes.
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        extra = ", fp16 scaler" if self.scaler is not None else ""
+        if self.accumulation is not None:
+            extra += f", accumulation {self.accumulation.steps}"
+        return f"AccelOptimizer({type(self.optimizer).__name__}{extra})"
+
+    @property
+    def sync_gradients(self) -> bool:
+        """Whether the current micro-step ends an accumulation cycle (the step will apply)."""
+        return self.accumulation is None or self.accumulation.is_boundary
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients, except in the middle of an accumulation cycle."""
+        if self.accumulation is None or self.accumulation.micro_step == 0:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Apply the update at an accumulation boundary; count the micro-step otherwise."""
+        if self.accumulation is not None and not self.accumulation.advance():
+            self.step_was_skipped = True
+            return None
+        result = self._apply_step(closure)
+        if not self.step_was_skipped:
+            self.real_steps += 1
+        return result
+
+    def _apply_step(self, closure: Callable[[], Any] | None) -> Any:
+        if self.scaler is None:
+            self.step_was_skipped = False
+            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        if closure is not None:
+            raise IncompatibleOptionsError(
+                "an optimizer step with a closure (LBFGS) cannot run under fp16 loss scaling; "
+                "use bf16 or fp32 for closure-based optimizers"
+            )
+        scale = self.scaler.get_scale()
+        result = self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # The scaler lowers its scale exactly when it found inf/nan and skipped the step.
+        self.step_was_skipped = self.scaler.get_scale() < scale
+        return result
+
+    def unscale_gradients(self) -> None:
+        """Divide the gradients by the fp16 loss scale (once per step; before clipping)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        if self.scaler is not None:
+            state = {**state, "accel_scaler": self.scaler.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        scaler_state = state.pop("accel_scaler", None)
+        self.optimizer.load_state_dict(state)
+        if scaler_state is not None and self.scaler is not None:
+            self.scaler.load_state_dict(scaler_state)
+
+
+def wrap_optimizer(
+    optimizer: torch.optim.Optimizer, ctx: Context, *, scaler: Any = None
+) -> tuple[AccelOptimizer, Context]:
+    """Wrap an optimizer for the Context's precision and backend.
+
+    Under fp16 it holds a `torch.amp.GradScaler` for ctx.device (pass `scaler` to choose
+    its settings). Works whether the optimizer was built before or after `shard_model`.
+
+    >>> optimizer, ctx = accel.wrap_optimizer(torch.optim.AdamW(model.parameters()), ctx)
+    """
+    if isinstance(optimizer, AccelOptimizer):
+        raise TransformOrderError("wrap_optimizer was already applied to this optimizer")
+    if ctx.precision == "fp16" and scaler is None:
+        scaler = torch.amp.GradScaler(ctx.device.type)
+    elif ctx.precision != "fp16" and scaler is not None:
+        raise IncompatibleOptionsError(
+            f"a gradient scaler is for fp16, but the Context's precision is {ctx.precision!r}; "
+            "apply with_amp(model, ctx, dtype='fp16') first or drop the scaler"
+        )
+    wrapped = backend_for(ctx).wrap_optimizer(AccelOptimizer(optimizer, scaler), ctx)
+    return wrapped, ctx.record(f"wrap_optimizer({type(optimizer).__name__})")
+
+
+class AccelScheduler:
+    """An LR scheduler that steps exactly once per real optimizer step."""
+
+    def __init__(self, scheduler: Any, optimizer: AccelOptimizer):
+        self.scheduler = scheduler
+        self.optimizer = optimizer
+        self._seen_steps = optimizer.real_steps
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """Advance the schedule if the optimizer updated the parameters since the last call."""
+        if self.optimizer.real_steps == self._seen_steps:
+            return
+        self._seen_steps = self.optimizer.real_steps
+        self.scheduler.step(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict)
+        self._seen_steps = self.optimizer.real_steps
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "scheduler":
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+
+def wrap_scheduler(scheduler: Any, ctx: Context, optimizer: AccelOptimizer) -> tuple[Any, Context]:
+    """Make `scheduler.step()` advance once per real optimizer step.
+
+    Schedules count optimizer updates: not micro-steps of gradient accumulation, not
+    steps skipped on an fp16 overflow, and not processes (every rank steps its own copy
+    of the same schedule once). Size a schedule in optimizer steps:
+    ``len(loader) // grad_accum_steps * epochs``.
+
+    >>> scheduler, ctx = accel.wrap_scheduler(scheduler, ctx, optimizer)
+    """
+    if not isinstance(optimizer, AccelOptimizer):
+        raise TransformOrderError(
+            "wrap_scheduler needs the optimizer returned by wrap_optimizer: apply "
+            "wrap_optimizer first and pass its result"
+        )
+    if isinstance(scheduler, AccelScheduler):
+        raise TransformOrderError("wrap_scheduler was already applied to this scheduler")
+    own = getattr(scheduler, "optimizer", None)
+    if own is not None and own is not optimizer and own is not optimizer.optimizer:
+        raise IncompatibleOptionsError(
+            "the scheduler was built for a different optimizer than the one passed to "
+            "wrap_scheduler; pass the optimizer whose learning rate it schedules"
+        )
+    return AccelScheduler(scheduler, optimizer), ctx.record(
+        f"wrap_scheduler({type(scheduler).__name__})"
+    )
+
+
+def backward(loss: torch.Tensor, optimizer: AccelOptimizer, ctx: Context, **kwargs: Any) -> None:
+    """Backpropagate `loss`: divided for gradient accumulation, scaled for fp16.
+
+    >>> accel.backward(loss, optimizer, ctx)
+    """
+    _require_wrapped(optimizer, "backward")
+    if optimizer.accumulation is not None and optimizer.accumulation.steps > 1:
+        loss = loss / optimizer.accumulation.steps
+    backend_for(ctx).backward(loss, optimizer, **kwargs)
+
+
+def clip_grad_norm(
+    model: nn.Module, ctx: Context, max_norm: float, *, norm_type: float = 2.0,
+    optimizer: AccelOptimizer | None = None,
+) -> torch.Tensor | None:
+    """Clip gradients to a total norm of `max_norm`; return the norm before clipping.
+
+    With fp16 or gradient accumulation pass `optimizer`: fp16 gradients are unscaled
+    first, and in the middle of an accumulation cycle nothing is clipped (None is
+    returned) since the gradients are still partial sums.
+
+    >>> norm = accel.clip_grad_norm(model, ctx, 1.0, optimizer=optimizer)
+    """
+    if not _ready_to_clip(ctx, optimizer, "clip_grad_norm"):
+        return None
+    return backend_for(ctx).clip_grad_norm(model, max_norm, norm_type)
+
+
+def clip_grad_value(
+    model: nn.Module, ctx: Context, clip_value: float, *, optimizer: AccelOptimizer | None = None
+) -> None:
+    """Clamp every gradient element to [-clip_value, clip_value] (see clip_grad_norm)."""
+    if _ready_to_clip(ctx, optimizer, "clip_grad_value"):
+        torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+
+
+def _ready_to_clip(ctx: Context, optimizer: AccelOptimizer | None, name: str) -> bool:
+    if optimizer is None:
+        if ctx.precision == "fp16" or ctx.grad_accum_steps > 1:
+            raise IncompatibleOptionsError(
+                f"{name} under fp16 or gradient accumulation needs the wrapped optimizer "
+                f"(it holds the loss scale and the micro-step): {name}(model, ctx, ..., "
+                "optimizer=optimizer)"
+            )
+        return True
+    _require_wrapped(optimizer, name)
+    if not optimizer.sync_gradients:
+        return False
+    optimizer.unscale_gradients()
+    return True
+
+
+def _require_wrapped(optimizer: Any, name: str) -> None:
+    if not isinstance(optimizer, AccelOptimizer):
+        raise TransformOrderError(
+            f"{name} needs the optimizer returned by accel.wrap_optimizer, got "
+            f"{type(optimizer).__name__}; wrap it first"
+        )
