@@ -5,6 +5,7 @@ from accel.accumulation import accumulate_grads, no_sync
 from accel.amp import with_amp
 from accel.compose import compose
 from accel.context import Context, from_process_group, init, shutdown
+from accel.local_sgd import LocalSGD, local_sgd
 from accel.optim import (
     AccelOptimizer,
     AccelScheduler,
@@ -36,6 +37,8 @@ __all__ = [
     "errors",
     "from_process_group",
     "init",
+    "local_sgd",
+    "LocalSGD",
     "no_sync",
     "set_seed",
     "shard_model",
