@@ -6,6 +6,17 @@ from accel.amp import with_amp
 from accel.compose import compose
 from accel.context import Context, from_process_group, init, shutdown
 from accel.local_sgd import LocalSGD, local_sgd
+from accel.logging import get_logger
+from accel.ops import (
+    broadcast,
+    broadcast_object,
+    concatenate,
+    gather,
+    gather_object,
+    pad_across_processes,
+    reduce,
+    send_to_device,
+)
 from accel.optim import (
     AccelOptimizer,
     AccelScheduler,
@@ -15,6 +26,19 @@ from accel.optim import (
     wrap_optimizer,
     wrap_scheduler,
 )
+from accel.process import (
+    all_ranks,
+    any_rank,
+    local_main_process_first,
+    main_process_first,
+    on_last_process,
+    on_local_main_process,
+    on_main_process,
+    on_process,
+    print,
+    split_between_processes,
+    wait_for_everyone,
+)
 from accel.seeding import set_seed, synchronize_rng_states
 from accel.sharding import DDP, Single, shard_model, unwrap_model
 from accel.world import World, detect_world
@@ -22,29 +46,49 @@ from accel.world import World, detect_world
 __version__ = "0.1.0"
 
 __all__ = [
-    "DDP",
     "AccelOptimizer",
     "AccelScheduler",
     "Context",
+    "DDP",
+    "LocalSGD",
     "Single",
     "World",
     "accumulate_grads",
+    "all_ranks",
+    "any_rank",
     "backward",
+    "broadcast",
+    "broadcast_object",
     "clip_grad_norm",
     "clip_grad_value",
     "compose",
+    "concatenate",
     "detect_world",
     "errors",
     "from_process_group",
+    "gather",
+    "gather_object",
+    "get_logger",
     "init",
+    "local_main_process_first",
     "local_sgd",
-    "LocalSGD",
+    "main_process_first",
     "no_sync",
+    "on_last_process",
+    "on_local_main_process",
+    "on_main_process",
+    "on_process",
+    "pad_across_processes",
+    "print",
+    "reduce",
+    "send_to_device",
     "set_seed",
     "shard_model",
     "shutdown",
+    "split_between_processes",
     "synchronize_rng_states",
     "unwrap_model",
+    "wait_for_everyone",
     "with_amp",
     "wrap_optimizer",
     "wrap_scheduler",

@@ -15,6 +15,10 @@ class NotConnectedError(AccelError):
     """Ranks that should form one world did not join the same process group."""
 
 
+class InvalidArgumentError(AccelError, ValueError):
+    """An argument has a value the function cannot accept (unknown op, src outside the world)."""
+
+
 class TransformOrderError(AccelError):
     """A transform was applied twice, or in an order that cannot work."""
 

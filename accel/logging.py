@@ -12,8 +12,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError
-from accel.ops import InvalidArgumentError
+from accel.errors import IncompatibleOptionsError, InvalidArgumentError
 from accel.process import wait_for_everyone
 
 LOG_LEVEL_VARIABLE = "ACCEL_LOG_LEVEL"

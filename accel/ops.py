@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from accel.context import Context
 from accel.errors import (
-    AccelError,
     CollectiveMismatchError,
+    InvalidArgumentError,
     NotConnectedError,
     UnsupportedError,
 )
@@ -31,10 +31,6 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
 # Device types each torch.distributed backend can communicate; backends not listed
 # (fake, xla, mpi, ucc, custom) take tensors where they are.
 _BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",)}
-
-
-class InvalidArgumentError(AccelError, ValueError):
-    """An argument has a value the function cannot accept (unknown op, src outside the world)."""
 
 
 # --------------------------------------------------------------------------- structure
@@ -118,11 +114,13 @@ def _comm_device(tensor: torch.Tensor, ctx: Context) -> torch.device:
     )
 
 
-def _to_comm(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """A contiguous copy of `tensor` on the communication device, safe to modify in place."""
+def _to_comm(tensor: torch.Tensor, ctx: Context, *, writable: bool) -> torch.Tensor:
+    """`tensor`, contiguous, on the communication device; a copy when `writable`, since
+    in-place collectives (all_reduce, broadcast) must not change the caller's tensor."""
     moved = tensor.to(_comm_device(tensor, ctx))
-    return moved.clone(memory_format=torch.contiguous_format) if moved is tensor \
-        else moved.contiguous()
+    if writable and moved is tensor:
+        return moved.clone(memory_format=torch.contiguous_format)
+    return moved.contiguous()
 
 
 def _global_rank(ctx: Context, group_rank: int) -> int:
@@ -150,29 +148,31 @@ def _debug_check(name: str, data: Any, ctx: Context, *, compare_shapes: bool = T
 
 
 def _first_mismatch(signatures: list[Any], compare_shapes: bool) -> str | None:
-    def per_rank(describe: Callable[[Any], str]) -> str:
-        return ", ".join(f"rank {r} {describe(sig)}" for r, sig in enumerate(signatures))
-
-    if len({sig[0] for sig in signatures}) > 1:
-        return "ranks called different collectives: " + per_rank(lambda s: f"called {s[0]}")
-    leaves = [sig[1] for sig in signatures]
-    if len({tuple(path for path, _, _ in leaf) for leaf in leaves}) > 1:
-        return "the data has a different structure across ranks: " + per_rank(
-            lambda s: f"has tensors at {[path for path, _, _ in s[1]] or 'nowhere'}")
-    for i, (path, _, _) in enumerate(leaves[0]):
-        label = "" if path == "data" else f" at {path}"
-        shapes = [leaf[i][1] if compare_shapes else len(leaf[i][1]) for leaf in leaves]
-        if len(set(shapes)) > 1:
-            what = "tensor shapes" if compare_shapes else "numbers of dimensions"
-            return (f"{what} differ across ranks{label}: "
-                    + ", ".join(f"rank {r} {s}" for r, s in enumerate(shapes))
-                    + "; pad them first with accel.pad_across_processes")
-        dtypes = [leaf[i][2] for leaf in leaves]
+    names = [name for name, _ in signatures]
+    if len(set(names)) > 1:
+        return "ranks called different collectives: " + _per_rank(names, "called ")
+    paths = [[path for path, _, _ in leaves] for _, leaves in signatures]
+    if any(p != paths[0] for p in paths):
+        return "the data has a different structure across ranks: " + _per_rank(
+            paths, "has tensors at ")
+    for i, path in enumerate(paths[0]):
+        where = "" if path == "data" else f" at {path}"
+        shapes = [leaves[i][1] for _, leaves in signatures]
+        if not compare_shapes and len({len(shape) for shape in shapes}) > 1:
+            return (f"numbers of dimensions differ across ranks{where}: {_per_rank(shapes)}; "
+                    "give every rank tensors with the same dimensions")
+        if compare_shapes and len(set(shapes)) > 1:
+            return (f"tensor shapes differ across ranks{where}: {_per_rank(shapes)}; "
+                    "pad them first with accel.pad_across_processes")
+        dtypes = [leaves[i][2] for _, leaves in signatures]
         if len(set(dtypes)) > 1:
-            return (f"dtypes differ across ranks{label}: "
-                    + ", ".join(f"rank {r} {d}" for r, d in enumerate(dtypes))
-                    + "; cast them to one dtype first")
+            return (f"dtypes differ across ranks{where}: {_per_rank(dtypes)}; "
+                    "cast them to one dtype first")
     return None
+
+
+def _per_rank(values: list[Any], verb: str = "") -> str:
+    return ", ".join(f"rank {rank} {verb}{value}" for rank, value in enumerate(values))
 
 
 # --------------------------------------------------------------------------- collectives
@@ -196,7 +196,7 @@ def gather(data: Any, ctx: Context) -> Any:
 
 
 def _gather_tensor(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
-    local = _to_comm(tensor.reshape(1) if tensor.dim() == 0 else tensor, ctx)
+    local = _to_comm(tensor.reshape(1) if tensor.dim() == 0 else tensor, ctx, writable=False)
     pieces = [torch.empty_like(local) for _ in range(ctx.world_size)]
     dist.all_gather(pieces, local, group=ctx.group)
     return torch.cat(pieces, dim=0).to(tensor.device)
@@ -251,7 +251,7 @@ def _reduce_tensor(tensor: torch.Tensor, ctx: Context, op: str) -> torch.Tensor:
         tensor = tensor.long()  # gloo and nccl sum bools as logical or
     if not ctx.is_distributed:
         return tensor / 1 if op == "mean" and not tensor.is_floating_point() else tensor
-    result = _to_comm(tensor, ctx)
+    result = _to_comm(tensor, ctx, writable=True)
     dist.all_reduce(result, op=_REDUCE_OPS[op], group=ctx.group)
     if op == "mean":
         result = result / ctx.world_size  # true division: ints become floats
@@ -275,7 +275,7 @@ def broadcast(data: Any, ctx: Context, src: int = 0) -> Any:
 
 
 def _broadcast_tensor(tensor: torch.Tensor, ctx: Context, src: int) -> torch.Tensor:
-    result = _to_comm(tensor, ctx)
+    result = _to_comm(tensor, ctx, writable=True)
     dist.broadcast(result, src=_global_rank(ctx, src), group=ctx.group)
     return result.to(tensor.device)
 

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from accel.context import Context
-from accel.ops import InvalidArgumentError, reduce
+from accel.errors import InvalidArgumentError
+from accel.ops import reduce
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,21 +73,22 @@ def _first(ctx: Context, goes_first: bool) -> Iterator[None]:
 # --------------------------------------------------------------------------- decorators
 
 
-def _find_context(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Context:
+def _find_context(fn: Callable[..., Any], args: tuple, kwargs: dict, bind_hint: str) -> Context:
     for value in (*args, *kwargs.values()):
         if isinstance(value, Context):
             return value
     raise InvalidArgumentError(
         f"{fn.__qualname__} is decorated to run on chosen ranks but none of its arguments is "
         "an accel.Context; pass the Context when calling it, or bind one when decorating: "
-        "@accel.on_main_process(ctx)"
+        f"@accel.{bind_hint}"
     )
 
 
-def _only_where(should_run: Callable[[Context], bool], fn: F, bound: Context | None) -> F:
+def _only_where(should_run: Callable[[Context], bool], fn: F, bound: Context | None,
+                bind_hint: str) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = bound if bound is not None else _find_context(fn, args, kwargs)
+        ctx = bound if bound is not None else _find_context(fn, args, kwargs, bind_hint)
         return fn(*args, **kwargs) if should_run(ctx) else None
 
     return wrapper  # type: ignore[return-value]
@@ -95,9 +97,9 @@ def _only_where(should_run: Callable[[Context], bool], fn: F, bound: Context | N
 def _decorator(should_run: Callable[[Context], bool], name: str) -> Callable[..., Any]:
     def decorate(fn_or_ctx: Any = None) -> Any:
         if isinstance(fn_or_ctx, Context):
-            return lambda fn: _only_where(should_run, fn, fn_or_ctx)
+            return lambda fn: _only_where(should_run, fn, fn_or_ctx, f"{name}(ctx)")
         if callable(fn_or_ctx):
-            return _only_where(should_run, fn_or_ctx, None)
+            return _only_where(should_run, fn_or_ctx, None, f"{name}(ctx)")
         raise InvalidArgumentError(
             f"{name} decorates a function (@accel.{name}) or takes a Context "
             f"(@accel.{name}(ctx)); got {type(fn_or_ctx).__name__}"
@@ -154,7 +156,7 @@ def on_process(index: int, ctx: Context | None = None) -> Callable[[F], F]:
             )
         return context.rank == index
 
-    return lambda fn: _only_where(should_run, fn, ctx)
+    return lambda fn: _only_where(should_run, fn, ctx, f"on_process({index}, ctx)")
 
 
 # --------------------------------------------------------------------------- splitting
