@@ -102,7 +102,8 @@ def _from_open_mpi(env: Mapping[str, str]) -> World:
         world_size=world_size,
         local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
         local_world_size=local_world_size,
-        node_rank=_int(env, "OMPI_COMM_WORLD_NODE_RANK", default=rank // local_world_size),
+        # OMPI_COMM_WORLD_NODE_RANK is the rank within the node, not the node index.
+        node_rank=rank // local_world_size,
         num_nodes=_nodes(world_size, local_world_size),
         master_addr=addr,
         master_port=port,
@@ -196,7 +197,8 @@ def detect_world(env: Mapping[str, str]) -> World:
         if env.get(marker, "") != "":
             # SLURM without srun (a batch script's one shell) has SLURM_PROCID=0 but also
             # SLURM_NTASKS>1: trust it only when srun actually started the tasks.
-            if marker == "SLURM_PROCID" and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+            srun_started = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+            if marker == "SLURM_PROCID" and not srun_started:
                 continue
             return parse(env)
     return World()

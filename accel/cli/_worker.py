@@ -34,8 +34,9 @@ def main(argv: list[str]) -> int:
     if world_size > 1 and not has_joined(rank, world_size, launch_dir):
         others = f"{world_size - 1} rank{'s' if world_size > 2 else ''}"
         print(
-            f"accel launch: rank {rank} ran without joining the other {others}: the script never called accel.init() (or "
-            f"torch.distributed.init_process_group), so {world_size} independent copies ran; "
+            f"accel launch: rank {rank} ran without joining the other {others}: the script "
+            "never called accel.init() (or torch.distributed.init_process_group), so "
+            f"{world_size} independent copies ran; "
             "call accel.init() at the start, or pass --allow-unconnected",
             file=sys.stderr,
         )

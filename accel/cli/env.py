@@ -17,7 +17,7 @@ from accel.errors import LaunchEnvironmentError
 from accel.world import detect_world
 
 # Distributions whose versions matter in a report; optional ones may be missing.
-PACKAGES = ("accel", "torch", "deepspeed", "torch_xla", "torchao", "numpy", "attrs",
+PACKAGES = ("torch", "deepspeed", "torch_xla", "torchao", "numpy", "attrs",
             "safetensors")
 NOT_INSTALLED = "not installed"
 
@@ -31,8 +31,13 @@ def collect_environment(env: Mapping[str, str]) -> dict[str, Any]:
     >>> collect_environment(os.environ)["packages"]["torch"]
     '2.13.0+cpu'
     """
+    import accel
+
     return {
-        "packages": {name: package_version(name) for name in PACKAGES},
+        # accel's own version from the code that runs, which may not be pip-installed.
+        "packages": {"accel": accel.__version__,
+                     **{name: package_version(name) for name in PACKAGES}},
+        "accel_path": os.path.dirname(accel.__file__),
         "python": f"{platform.python_version()} ({platform.python_implementation()}) "
                   f"{sys.executable}",
         "platform": platform.platform(),
@@ -117,6 +122,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     cpu = report["cpu"]
     lines = [(name, version) for name, version in report["packages"].items()]
     lines += [
+        ("accel path", report["accel_path"]),
         ("python", report["python"]),
         ("platform", report["platform"]),
         ("cpu", f"{cpu['model']}, {cpu['count']} cores ({cpu['usable']} usable)"),

@@ -159,6 +159,7 @@ def launch(options: LaunchOptions, target: str, args: list[str], *, module: bool
 
     The first failed rank's exit code is returned, so a failing script fails the launch.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -171,6 +172,10 @@ def launch(options: LaunchOptions, target: str, args: list[str], *, module: bool
                 run(parse_args(torchrun_argv))
         except ChildFailedError as failed:
             return _report_failures(failed)
+        except SignalException as stopped:  # Ctrl-C, or a scheduler's SIGTERM
+            print(f"accel launch: stopped by {stopped.sigval.name}; the workers were ended",
+                  file=sys.stderr)
+            return 128 + int(stopped.sigval)
     return 0
 
 
@@ -223,7 +228,8 @@ def add_parser(subparsers: Any) -> None:
                         help="number of nodes (default 1)")
     parser.add_argument("--node-rank", type=int, help="this node's index, 0..nnodes-1")
     parser.add_argument("--master-addr", help="address of node 0 (multi-node runs)")
-    parser.add_argument("--master-port", type=int, help="port on node 0 (default: a free one)")
+    parser.add_argument("--master-port", type=int, help="port on node 0 (default: a free "
+                        "port on one node, 29500 across nodes)")
     parser.add_argument("--rdzv-backend", help="torch elastic rendezvous backend, e.g. c10d")
     parser.add_argument("--rdzv-endpoint", help="rendezvous HOST:PORT")
     parser.add_argument("--rdzv-id", help="job id shared by all nodes of one rendezvous")
@@ -242,6 +248,11 @@ def add_parser(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """`accel launch ...`, once argparse has read the command line."""
+    if not args.module and not os.path.isfile(args.target):
+        raise LaunchEnvironmentError(
+            f"the script {args.target!r} does not exist; pass a script path, or -m and a "
+            "module name"
+        )
     flags = {name: getattr(args, name) for name in _OPTION_TYPES}
     layers: list[tuple[str, Mapping[str, Any]]] = [("the command line", flags)]
     if args.config:
