@@ -5,6 +5,12 @@ from accel.accumulation import accumulate_grads, no_sync
 from accel.amp import with_amp
 from accel.compose import compose
 from accel.context import Context, from_process_group, init, shutdown
+from accel.data import (
+    DistributedLoader,
+    distribute_loader,
+    gather_for_metrics,
+    skip_first_batches,
+)
 from accel.local_sgd import LocalSGD, local_sgd
 from accel.logging import get_logger
 from accel.ops import (
@@ -50,6 +56,7 @@ __all__ = [
     "AccelScheduler",
     "Context",
     "DDP",
+    "DistributedLoader",
     "LocalSGD",
     "Single",
     "World",
@@ -64,9 +71,11 @@ __all__ = [
     "compose",
     "concatenate",
     "detect_world",
+    "distribute_loader",
     "errors",
     "from_process_group",
     "gather",
+    "gather_for_metrics",
     "gather_object",
     "get_logger",
     "init",
@@ -85,6 +94,7 @@ __all__ = [
     "set_seed",
     "shard_model",
     "shutdown",
+    "skip_first_batches",
     "split_between_processes",
     "synchronize_rng_states",
     "unwrap_model",

@@ -25,8 +25,8 @@ from accel.context import Context, init, shutdown
 from accel.errors import AccelError, RankFailedError, WorldTimeoutError
 from accel.world import World
 
-# Variables of an enclosing launch that must not leak into the ranks run_world starts.
-_LAUNCH_VARIABLES = (
+#: Variables of an enclosing launch, which must not leak into ranks that run_world starts.
+LAUNCH_VARIABLES = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID",
     "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "ACCEL_LAUNCH_DIR",
@@ -68,7 +68,7 @@ def run_world(
         mp.Process(
             target=_rank_main,
             args=(fn, rank, world_size, port, args, dict(env or {}), init_kwargs, results),
-            daemon=True,
+            daemon=False,  # a daemon rank could not start DataLoader workers
         )
         for rank in range(world_size)
     ]
@@ -115,7 +115,7 @@ def _check_alive(procs: list[Any], outcome: dict[int, Any], deadline: float, tim
 
 
 def _rank_main(fn, rank, world_size, port, args, env, init_kwargs, results) -> None:
-    for name in _LAUNCH_VARIABLES:
+    for name in LAUNCH_VARIABLES:
         os.environ.pop(name, None)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),

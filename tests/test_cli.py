@@ -17,23 +17,7 @@ from accel.cli._worker import NOT_CONNECTED_EXIT_CODE, has_joined
 from accel.cli.env import collect_environment, format_report
 from accel.cli.main import main
 from accel.errors import LaunchEnvironmentError
-
-REPO = Path(__file__).resolve().parent.parent
-# Variables of an enclosing launcher (the test runner may itself run under one).
-_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                     "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCEL_LAUNCH_DIR",
-                     "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
-
-
-def accel_cli(*args: str, pythonpath: tuple[Path, ...] = (), extra_env: dict | None = None,
-              ) -> subprocess.CompletedProcess:
-    """Run `python -m accel ARGS` as a user would, with this checkout importable."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join(map(str, (REPO, *pythonpath)))
-    env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "accel", *args], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=180)
-
+from helpers import REPO, accel_cli
 
 def write(path: Path, source: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

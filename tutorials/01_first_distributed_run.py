@@ -6,20 +6,18 @@ Run it on two CPU processes, then as a plain script:
     python tutorials/01_first_distributed_run.py
 
 A small MLP learns y = sin(3x) * x from synthetic data. `accel.init` reads the launch
-environment and joins the processes; torch's DistributedDataParallel averages the
-gradients and a DistributedSampler gives each process its share of the data. (Later
-tutorials replace both with accel's transforms.)
+environment and joins the processes; `shard_model` wraps the model in DDP when there are
+several (gradients are averaged across processes in backward); `distribute_loader` gives
+each process its share of every epoch's batches.
 """
 
 import math
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import accel
-from accel import ops, process
 
 EPOCHS = 8
 
@@ -34,30 +32,27 @@ def make_data(num_samples: int = 2048) -> TensorDataset:
 
 def main() -> None:
     ctx = accel.init(seed=42)  # same initial weights on every rank
-    process.print(f"training on {ctx.world_size} process(es): {ctx}", ctx=ctx)
-
     model = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                           nn.Linear(64, 1))
-    if ctx.is_distributed:
-        model = DistributedDataParallel(model)  # all-reduces gradients in backward
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = DataLoader(make_data(), batch_size=32, shuffle=True)
 
-    dataset = make_data()
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=42)
-    loader = DataLoader(dataset, batch_size=64, sampler=sampler)
+    model, ctx = accel.shard_model(model, ctx)          # DDP on 2+ processes
+    optimizer, ctx = accel.wrap_optimizer(optimizer, ctx)
+    loader, ctx = accel.distribute_loader(loader, ctx)  # a new shuffle each epoch
+    accel.print(f"training on {ctx.world_size} process(es): {ctx}", ctx=ctx)
 
     for epoch in range(EPOCHS):
-        sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
         total = torch.zeros(())
         for x, y in loader:
             loss = nn.functional.mse_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
+            accel.backward(loss, optimizer, ctx)
             optimizer.step()
+            optimizer.zero_grad()
             total += loss.detach()
         # Each rank saw its own share: average the epoch loss over all ranks.
-        epoch_loss = ops.reduce(total / len(loader), ctx)
-        process.print(f"epoch {epoch + 1}/{EPOCHS}  loss {epoch_loss.item():.4f}", ctx=ctx)
+        epoch_loss = accel.reduce(total / len(loader), ctx)
+        accel.print(f"epoch {epoch + 1}/{EPOCHS}  loss {epoch_loss.item():.4f}", ctx=ctx)
 
     accel.shutdown(ctx)
 

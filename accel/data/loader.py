@@ -1,0 +1,225 @@
+"""`DistributedLoader`: one rank's batches of a DataLoader, with epochs and exact resume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+_END = object()
+
+
+class DistributedLoader:
+    """One rank's view of a DataLoader; built by `distribute_loader`.
+
+    Iterating gives this rank's batches of the current epoch, on `device`. A completed
+    pass advances `epoch` by one, so a loop that calls `set_epoch(epoch)` each epoch and
+    one that never does see the same batches. The loader reads one batch ahead: that is
+    how `is_last_batch` is known while you hold the last batch (and it lets a pinned batch
+    travel to the GPU while you compute).
+
+    Attributes:
+        even_batches, split_batches, dispatch_batches: the options it was built with.
+        seed: the seed of its random order (see `distribute_loader`).
+        batch_size: samples per batch on this rank (the last one may be shorter).
+
+    One iteration at a time: starting a new one abandons the previous one.
+
+    >>> loader, ctx = accel.distribute_loader(loader, ctx)
+    >>> for batch in loader:
+    ...     train_step(batch)
+    """
+
+    def __init__(self, plan: Any, *, rank: int, world_size: int, device: torch.device | None,
+                 non_blocking: bool, seed: int, batch_size: int | None, split_batches: bool,
+                 even_batches: bool, dispatch_batches: bool, dataset: Any):
+        self._plan = plan
+        self.rank = rank
+        self.world_size = world_size
+        #: where batches are moved; None: left where the DataLoader puts them.
+        self.device = device
+        self.non_blocking = non_blocking
+        self.seed = seed
+        self.batch_size = batch_size
+        self.split_batches = split_batches
+        self.even_batches = even_batches
+        self.dispatch_batches = dispatch_batches
+        self.dataset = dataset
+        self._epoch = 0
+        self._position = 0        # batches of the current epoch handed out (or skipped)
+        self._pending_skip = 0    # batches the next iteration leaves out (resume)
+        self._epoch_done = False  # the last batch of `_epoch` has been handed out
+        self._is_last = False
+        self._batch_padding = 0
+        self._remainder: int | None = None
+        self._generation = 0      # which iteration may still update the state
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def dataloader(self) -> torch.utils.data.DataLoader:
+        """The torch DataLoader underneath (rank 0's reader when dispatching)."""
+        return self._plan.dataloader
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being iterated, or the next one once a pass has completed."""
+        return self._epoch
+
+    @property
+    def is_last_batch(self) -> bool:
+        """True while the batch you hold is the last of its epoch on this rank."""
+        return self._is_last
+
+    @property
+    def batch_padding(self) -> int:
+        """Duplicated samples (added by even_batches) in the current step's global batch.
+
+        They are the last samples of the step's batches gathered in rank order; zero except
+        on the last step of an epoch.
+        """
+        return self._batch_padding
+
+    @property
+    def remainder(self) -> int | None:
+        """Duplicated samples in the last global batch of this epoch; None until it is read."""
+        return self._remainder
+
+    @property
+    def total_batch_size(self) -> int | None:
+        """Samples per step over all ranks."""
+        return None if self.batch_size is None else self.batch_size * self.world_size
+
+    @property
+    def batches_per_rank(self) -> list[int] | None:
+        """Batches each rank gets in a full epoch, without communication; None when unknown.
+
+        Known for map-style datasets, and for iterable ones with len() read by at most one
+        worker. With even_batches=True every rank gets the same number in any case.
+        """
+        return self._plan.counts()
+
+    def __len__(self) -> int:
+        """Batches this rank gets in a full epoch (a resumed epoch yields fewer)."""
+        counts = self.batches_per_rank
+        if counts is None:
+            raise TypeError(
+                "this loader's length is unknown: its dataset is an IterableDataset without "
+                "len() (or is read by several workers)"
+            )
+        return counts[self.rank]
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[Any]:
+        self._roll_over_if_done()
+        self._generation += 1
+        skip, self._pending_skip = self._pending_skip, 0
+        self._position, self._is_last, self._batch_padding = skip, False, 0
+        self._remainder = None
+        return self._run(self._generation, self._epoch, skip)
+
+    def _run(self, generation: int, epoch: int, skip: int) -> Iterator[Any]:
+        stream = self._plan.iterate(epoch, skip)
+        upcoming = self._fetch(stream)
+        while upcoming is not _END:
+            batch, padding = upcoming
+            upcoming = self._fetch(stream)
+            if generation != self._generation:
+                return  # a newer iteration owns the state now
+            last = upcoming is _END
+            if padding is None:
+                padding = self._plan.final_padding() if last else 0
+            self._position += 1
+            self._is_last = self._epoch_done = last
+            self._batch_padding = padding
+            if last:
+                self._remainder = padding
+            yield batch
+        if generation == self._generation:
+            self._epoch_done = True  # also for an epoch with no batch at all
+            self._roll_over_if_done()
+
+    def _fetch(self, stream: Iterator[tuple[Any, int | None]]) -> Any:
+        pair = next(stream, _END)
+        if pair is _END or self.device is None:
+            return pair
+        from accel.ops import send_to_device
+
+        batch, padding = pair
+        return send_to_device(batch, self.device, non_blocking=self.non_blocking), padding
+
+    def _roll_over_if_done(self) -> None:
+        if self._epoch_done:
+            self._epoch += 1
+            self._position = 0
+            self._epoch_done = False
+            self._is_last = False
+            self._batch_padding = 0
+
+    # ------------------------------------------------------------------ position
+
+    def set_epoch(self, epoch: int) -> None:
+        """Iterate epoch `epoch` next; its order is a pure function of (seed, epoch).
+
+        Setting the epoch a loaded state resumes keeps the resume position.
+        """
+        if epoch == self._epoch and not self._epoch_done:
+            return
+        self._epoch = int(epoch)
+        self._epoch_done = False
+        self._pending_skip = self._position = 0
+
+    def skip_batches_in_epoch(self, num_batches: int) -> None:
+        """Make the next iteration start at batch `num_batches` of the current epoch."""
+        self._roll_over_if_done()
+        self._pending_skip = self._position = int(num_batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next batch comes from: epoch, batches already yielded in it, seed.
+
+        Taken while you hold the last batch of an epoch, it points at the next epoch.
+        Resuming from it is exact for map-style datasets (the order is a pure function of
+        seed and epoch; skipped batches are not read) and for iterable ones whose stream
+        is a pure function of `set_epoch` and the worker count (skipped batches are read
+        again and dropped). Random augmentations are not part of it: restore the RNG
+        states with your checkpoint (workers get seeds from seed, epoch and rank, but
+        after a skip a map-style batch may land on another worker).
+        """
+        epoch, position = self._epoch, self._position
+        if self._epoch_done:
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "batches_yielded": position, "seed": self.seed,
+                "world_size": self.world_size, "layout": self._layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the position `state_dict` saved: the next iteration continues it.
+
+        Raises:
+            IncompatibleOptionsError: the state comes from a loader with another seed,
+                world size or batch layout (its positions would mean other samples).
+        """
+        from accel.errors import IncompatibleOptionsError
+
+        mine = {"seed": self.seed, "world_size": self.world_size, "layout": self._layout()}
+        for key, value in mine.items():
+            if key in state and state[key] != value:
+                raise IncompatibleOptionsError(
+                    f"the loader state was saved with {key}={state[key]!r} but this loader has "
+                    f"{key}={value!r}; rebuild it with distribute_loader using the same "
+                    "seed, options and world size to resume exactly"
+                )
+        self._generation += 1  # an iteration in progress no longer moves the position
+        self._epoch = int(state["epoch"])
+        self._pending_skip = self._position = int(state["batches_yielded"])
+        self._epoch_done = self._is_last = False
+
+    def _layout(self) -> str:
+        mode = "dispatch" if self.dispatch_batches else "shard"
+        return (f"{mode},batch_size={self.batch_size},split_batches={self.split_batches},"
+                f"even_batches={self.even_batches}")
+
+    def __repr__(self) -> str:
+        return (f"DistributedLoader(rank {self.rank}/{self.world_size}, {self._layout()}, "
+                f"epoch={self._epoch}, position={self._position}, device={self.device})")

@@ -1,0 +1,56 @@
+"""Every tutorial runs as documented, on 2 real processes (01 is covered in test_cli)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from helpers import REPO, accel_cli
+
+
+def numbers_after(word: str, text: str) -> list[float]:
+    return [float(match) for match in re.findall(rf"{word} ([0-9.]+)", text)]
+
+
+def test_02_custom_loop_on_two_processes_learns():
+    result = accel_cli("launch", "-n", "2", "tutorials/02_custom_training_loop.py")
+    assert result.returncode == 0, result.stderr
+    accuracy = numbers_after("accuracy", result.stdout)
+    assert len(accuracy) == 4 and accuracy[-1] > 0.8, result.stdout
+    assert "(250 samples)" in result.stdout  # every evaluation sample exactly once
+    assert "backend=ddp" in result.stdout and "precision=bf16" in result.stdout
+
+
+def test_02_same_loop_one_process_fp16_accumulation():
+    result = accel_cli("launch", "-n", "1", "tutorials/02_custom_training_loop.py",
+                       "--precision", "fp16", "--accumulate", "4", "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "backend=single" in result.stdout and "grad_accum_steps=4" in result.stdout
+    assert numbers_after("accuracy", result.stdout)[-1] > 0.7, result.stdout
+
+
+def test_03_compose_shows_its_trail_and_learns():
+    result = accel_cli("launch", "-n", "2", "tutorials/03_compose_a_pipeline.py")
+    assert result.returncode == 0, result.stderr
+    assert ("with_amp(bf16) -> shard_model(ddp) -> wrap_optimizer(Adam) -> "
+            "distribute_loader(seed=0) -> accumulate_grads(steps=2)") in result.stdout
+    losses = numbers_after("loss", result.stdout)
+    assert len(losses) == 5 and losses[-1] < losses[0] / 4, result.stdout
+
+
+def test_04_borrowed_functions_in_a_foreign_loop():
+    result = accel_cli("launch", "-n", "2", "tutorials/04_one_transform_in_an_existing_loop.py")
+    assert result.returncode == 0, result.stderr
+    assert "evaluated 301 samples (the dataset has 301)" in result.stdout
+    assert numbers_after("accuracy", result.stdout)[0] > 0.6
+
+
+def test_05_the_tutorials_own_tests_pass():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tutorials/05_unit_testing_a_transform.py"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed" in result.stdout
