@@ -83,8 +83,11 @@ def accumulate_grads(
 
     >>> model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx, steps=4)
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise IncompatibleOptionsError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise IncompatibleOptionsError(
+            f"steps must be a positive integer (micro-batches per optimizer update), got "
+            f"{steps!r}; pass e.g. steps=4"
+        )
     if not isinstance(optimizer, AccelOptimizer):
         raise TransformOrderError("accumulate_grads needs the optimizer from wrap_optimizer; "
                                   "apply wrap_optimizer first")
@@ -96,6 +99,7 @@ def accumulate_grads(
             "accumulate_grads where the epoch ends)"
         )
     backend = backend_for(ctx)
+    backend.set_grad_sync(model, True)  # the state between cycles; rejects a wrong model early
     optimizer.accumulation = GradientAccumulation(steps, model, loader, sync_each_batch, backend)
     return model, optimizer, ctx.record(f"accumulate_grads(steps={steps})", grad_accum_steps=steps)
 
@@ -109,8 +113,8 @@ def no_sync(model: nn.Module, ctx: Context) -> Iterator[None]:
     """
     backend = backend_for(ctx)
     depth = getattr(model, "_accel_no_sync_depth", 0)
-    model._accel_no_sync_depth = depth + 1
     backend.set_grad_sync(model, False)
+    model._accel_no_sync_depth = depth + 1
     try:
         yield
     finally:

@@ -61,7 +61,8 @@ def with_amp(
             model stay in full precision).
 
     Apply it before shard_model and wrap_optimizer. Parameters stay fp32 (the master
-    copy); only the forward's computation is lowered.
+    copy); only the forward's computation is lowered. Use the returned model: under fp8
+    a model that is itself one nn.Linear is replaced by torchao's Float8Linear.
 
     >>> model, ctx = accel.with_amp(model, ctx, dtype="bf16")
     """
@@ -79,7 +80,7 @@ def with_amp(
         return model, ctx.record("with_amp(no)", precision="no")
     _check_supported(dtype, ctx.device)
     if dtype == "fp8":
-        _convert_to_float8(model)
+        model = _convert_to_float8(model)
     model.forward = AutocastForward(model.forward, ctx.device.type, _AUTOCAST_DTYPES[dtype],
                                     fp32_outputs)
     return model, ctx.record(f"with_amp({dtype})", precision=dtype)
@@ -88,7 +89,8 @@ def with_amp(
 def _check_supported(dtype: str, device: torch.device) -> None:
     if device.type == "cuda" and dtype in ("bf16", "fp8") and not torch.cuda.is_bf16_supported():
         raise UnsupportedError(f"{torch.cuda.get_device_name(device)} has no bf16; use fp16")
-    if device.type == "cuda" and dtype == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+    if (device.type == "cuda" and dtype == "fp8"
+            and torch.cuda.get_device_capability(device) < (8, 9)):
         raise UnsupportedError(
             f"fp8 training needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper); "
             f"{torch.cuda.get_device_name(device)} is {torch.cuda.get_device_capability(device)}"
@@ -100,7 +102,7 @@ def _check_supported(dtype: str, device: torch.device) -> None:
                                "use bf16")
 
 
-def _convert_to_float8(model: nn.Module) -> None:
+def _convert_to_float8(model: nn.Module) -> nn.Module:
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError as exc:
@@ -116,4 +118,5 @@ def _convert_to_float8(model: nn.Module) -> None:
             "fp8 found no nn.Linear whose in_features and out_features are multiples of 16; "
             "fp8 would change nothing in this model: use bf16"
         )
-    convert_to_float8_training(model, module_filter_fn=eligible)
+    # A model that is itself one Linear is replaced, not modified: use the returned module.
+    return convert_to_float8_training(model, module_filter_fn=eligible)

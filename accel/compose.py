@@ -13,12 +13,19 @@ from accel.errors import IncompatibleOptionsError
 ROLES = ("model", "optimizer", "scheduler", "loader")
 
 
-def _split_signature(transform: Callable[..., Any]) -> tuple[list[str], list[str]]:
-    """(roles the transform acts on and returns, roles it only reads as links)."""
+def _split_signature(transform: Callable[..., Any]) -> tuple[list[str], list[str], list[str]]:
+    """(roles it acts on and returns, roles it reads as links, links it cannot do without)."""
+    if not callable(transform):
+        raise IncompatibleOptionsError(
+            f"compose takes transforms (functions or functools.partial), got a "
+            f"{type(transform).__name__}: pass accel.with_amp, not accel.with_amp(...)"
+        )
     params = list(inspect.signature(transform).parameters.values())
     names = [p.name for p in params]
     if "ctx" not in names:
-        raise IncompatibleOptionsError(f"{_name(transform)} has no 'ctx' parameter: not a transform")
+        raise IncompatibleOptionsError(
+            f"{_name(transform)} has no 'ctx' parameter: not a transform"
+        )
     cut = names.index("ctx")
     acted = names[:cut]
     unknown = [name for name in acted if name not in ROLES]
@@ -29,7 +36,21 @@ def _split_signature(transform: Callable[..., Any]) -> tuple[list[str], list[str
     # A link the caller bound with functools.partial keeps its bound value.
     links = [p.name for p in params[cut + 1:] if p.name in ROLES
              and (p.default is inspect.Parameter.empty or p.default is None)]
-    return acted, links
+    required = [p.name for p in params[cut + 1:] if p.name in links
+                and p.default is inspect.Parameter.empty]
+    return acted, links, required
+
+
+def _outputs(transform: Callable[..., Any], acted: list[str], result: Any) -> tuple[Any, ...]:
+    """The returned objects, checked against the roles the signature promised."""
+    if (not isinstance(result, tuple) or len(result) != len(acted) + 1
+            or not isinstance(result[-1], Context)):
+        raise IncompatibleOptionsError(
+            f"{_name(transform)} must return ({', '.join(acted)}, ctx) like every transform; "
+            f"it returned {type(result).__name__}"
+            + (f" of {len(result)} items" if isinstance(result, tuple) else "")
+        )
+    return result[:-1]
 
 
 def _name(transform: Callable[..., Any]) -> str:
@@ -56,16 +77,16 @@ def compose(*transforms: Callable[..., Any]) -> Callable[..., tuple[dict[str, An
         if unknown:
             raise IncompatibleOptionsError(f"unknown objects {unknown}; a pipeline takes {ROLES}")
         objects = dict(objects)
-        for transform, acted, links in plans:
-            missing = [role for role in acted if role not in objects]
+        for transform, acted, links, required in plans:
+            missing = [role for role in (*acted, *required) if role not in objects]
             if missing:
                 raise IncompatibleOptionsError(
                     f"{_name(transform)} needs {missing}; pass them to the pipeline"
                 )
             result = transform(*(objects[r] for r in acted), ctx,
                                **{r: objects[r] for r in links if r in objects})
-            *outputs, ctx = result
-            objects.update(zip(acted, outputs))
+            objects.update(zip(acted, _outputs(transform, acted, result), strict=True))
+            ctx = result[-1]
         return objects, ctx
 
     return pipeline

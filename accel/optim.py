@@ -36,6 +36,9 @@ class AccelOptimizer(torch.optim.Optimizer):
         self.step_was_skipped = False
         #: how many times the parameters were really updated.
         self.real_steps = 0
+        # GradScaler.unscale_ raises when called twice before update(): clipping by norm
+        # and then by value in one step must unscale once.
+        self._grads_unscaled = False
 
     # The wrapped optimizer's attributes, so schedulers and user code see one optimizer.
     @property
@@ -108,14 +111,16 @@ class AccelOptimizer(torch.optim.Optimizer):
         scale = self.scaler.get_scale()
         result = self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._grads_unscaled = False
         # The scaler lowers its scale exactly when it found inf/nan and skipped the step.
         self.step_was_skipped = self.scaler.get_scale() < scale
         return result
 
     def unscale_gradients(self) -> None:
-        """Divide the gradients by the fp16 loss scale (once per step; before clipping)."""
-        if self.scaler is not None:
+        """Divide the gradients by the fp16 loss scale; later calls before the step do nothing."""
+        if self.scaler is not None and not self._grads_unscaled:
             self.scaler.unscale_(self.optimizer)
+            self._grads_unscaled = True
 
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
@@ -142,7 +147,9 @@ def wrap_optimizer(
     >>> optimizer, ctx = accel.wrap_optimizer(torch.optim.AdamW(model.parameters()), ctx)
     """
     if isinstance(optimizer, AccelOptimizer):
-        raise TransformOrderError("wrap_optimizer was already applied to this optimizer")
+        raise TransformOrderError(
+            "wrap_optimizer was already applied to this optimizer; use it as it is"
+        )
     if ctx.precision == "fp16" and scaler is None:
         scaler = torch.amp.GradScaler(ctx.device.type)
     elif ctx.precision != "fp16" and scaler is not None:
@@ -198,7 +205,9 @@ def wrap_scheduler(scheduler: Any, ctx: Context, optimizer: AccelOptimizer) -> t
             "wrap_optimizer first and pass its result"
         )
     if isinstance(scheduler, AccelScheduler):
-        raise TransformOrderError("wrap_scheduler was already applied to this scheduler")
+        raise TransformOrderError(
+            "wrap_scheduler was already applied to this scheduler; use it as it is"
+        )
     own = getattr(scheduler, "optimizer", None)
     if own is not None and own is not optimizer and own is not optimizer.optimizer:
         raise IncompatibleOptionsError(

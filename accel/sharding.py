@@ -81,13 +81,13 @@ def shard_model(
         raise TransformOrderError(
             "shard_model was already applied to this Context; apply it once, after with_amp"
         )
-    if ctx.was_applied("wrap_optimizer") and ctx.backend != "single":
-        raise TransformOrderError("shard_model must come before wrap_optimizer")
     config = resolve_strategy(strategy, ctx)
-    if config.backend == "ddp" and not ctx.is_distributed:
-        raise IncompatibleOptionsError(
-            "strategy DDP needs a process group of 2 or more ranks; launch with "
-            "`accel launch -n 2 script.py`, or use strategy='single' for one process"
+    # ctx.backend is still "single" here: it is the strategy being applied that decides
+    # whether an engine may replace parameters the wrapped optimizer already holds.
+    if ctx.was_applied("wrap_optimizer") and config.backend != "single":
+        raise TransformOrderError(
+            f"shard_model({config.backend}) must come before wrap_optimizer (the engine may "
+            "replace the parameters the optimizer holds); reorder the transforms"
         )
     wrapped = load_backend(config.backend).wrap_model(model, ctx, config)
     return wrapped, ctx.record(f"shard_model({_describe(config)})",
@@ -95,7 +95,10 @@ def shard_model(
 
 
 def _describe(config: Any) -> str:
-    changed = [f"{field.name}={getattr(config, field.name)!r}" for field in attrs.fields(type(config))
+    if not attrs.has(type(config)):  # a user's own config class: its name says enough
+        return config.backend
+    changed = [f"{field.name}={getattr(config, field.name)!r}"
+               for field in attrs.fields(type(config))
                if getattr(config, field.name) != field.default]
     return config.backend + (f", {', '.join(changed)}" if changed else "")
 

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import accel_cli
 
 from accel.cli import launch
 from accel.cli._worker import NOT_CONNECTED_EXIT_CODE, has_joined
 from accel.cli.env import collect_environment, format_report
 from accel.cli.main import main
 from accel.errors import LaunchEnvironmentError
-from helpers import REPO, accel_cli
+
 
 def write(path: Path, source: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

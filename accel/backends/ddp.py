@@ -5,14 +5,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from accel.backends import single
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError
+from accel.errors import IncompatibleOptionsError, UnsupportedError
 
 _HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
 
@@ -24,6 +24,7 @@ clip_grad_norm = single.clip_grad_norm
 
 
 def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
+    _check_process_group(ctx)
     model = model.to(ctx.device)
     kwargs: dict[str, Any] = dict(
         find_unused_parameters=strategy.find_unused_parameters,
@@ -41,8 +42,34 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
     ddp = DistributedDataParallel(model, **kwargs)
     if strategy.comm_hook is not None:
         hook, state = _comm_hook(strategy, ctx)
-        ddp.register_comm_hook(state, hook)
+        _register_comm_hook(ddp, strategy.comm_hook, hook, state)
     return ddp
+
+
+def _check_process_group(ctx: Context) -> None:
+    if not ctx.is_distributed:
+        raise IncompatibleOptionsError(
+            "strategy DDP needs a process group of 2 or more ranks; launch with "
+            "`accel launch -n 2 script.py`, or use strategy='single' for one process"
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        raise IncompatibleOptionsError(
+            f"strategy DDP needs a started process group, but this Context describes rank "
+            f"{ctx.rank} of {ctx.world_size} with none; get the Context from accel.init() "
+            "(or Context.from_process_group() when your framework started the group)"
+        )
+
+
+def _register_comm_hook(ddp: DistributedDataParallel, name: Any, hook: Any, state: Any) -> None:
+    try:
+        ddp.register_comm_hook(state, hook)
+    except TypeError as exc:
+        # torch accepts its bf16 hook only on CUDA+NCCL (or XPU+XCCL) builds.
+        if name != "bf16":
+            raise
+        raise UnsupportedError(
+            f"DDP comm_hook='bf16' cannot run here ({exc}); use comm_hook='fp16', or none"
+        ) from exc
 
 
 def _comm_hook(strategy: Any, ctx: Context) -> tuple[Any, Any]:
@@ -69,6 +96,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    if not isinstance(model, DistributedDataParallel):
+        # On the inner module the switch would be a plain attribute DDP never reads.
+        raise IncompatibleOptionsError(
+            f"gradient sync of DDP is switched on the model shard_model returned, got a "
+            f"{type(model).__name__}; pass that model, not accel.unwrap_model(model, ctx)"
+        )
     # What DDP.no_sync() toggles; DDP reads it at the start of each forward.
     model.require_backward_grad_sync = enabled
 
