@@ -11,6 +11,7 @@ from accel.data import (
     gather_for_metrics,
     skip_first_batches,
 )
+from accel.join import join_uneven_inputs
 from accel.local_sgd import LocalSGD, local_sgd
 from accel.logging import get_logger
 from accel.ops import (
@@ -79,6 +80,7 @@ __all__ = [
     "gather_object",
     "get_logger",
     "init",
+    "join_uneven_inputs",
     "local_main_process_first",
     "local_sgd",
     "main_process_first",

@@ -123,17 +123,23 @@ class AccelOptimizer(torch.optim.Optimizer):
             self._grads_unscaled = True
 
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state, plus the loss scale and the accumulation micro-step."""
         state = self.optimizer.state_dict()
         if self.scaler is not None:
             state = {**state, "accel_scaler": self.scaler.state_dict()}
+        if self.accumulation is not None:
+            state = {**state, "accel_accumulation": self.accumulation.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         scaler_state = state.pop("accel_scaler", None)
+        accumulation = state.pop("accel_accumulation", None)
         self.optimizer.load_state_dict(state)
         if scaler_state is not None and self.scaler is not None:
             self.scaler.load_state_dict(scaler_state)
+        if accumulation is not None and self.accumulation is not None:
+            self.accumulation.load_state_dict(accumulation)
 
 
 def wrap_optimizer(

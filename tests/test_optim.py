@@ -410,3 +410,21 @@ def test_wrap_scheduler_misuse_raises_clear_errors():
         torch.optim.lr_scheduler.LambdaLR(optimizer, decay), ctx, optimizer)
     with pytest.raises(TransformOrderError, match="already applied"):
         accel.wrap_scheduler(scheduler, ctx, optimizer)
+
+
+def test_state_dict_carries_the_accumulation_micro_step():
+    model = nn.Linear(2, 1)
+    ctx = accel.Context()
+    optimizer, ctx = accel.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), ctx)
+    model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx, steps=4)
+    for _ in range(3):
+        accel.backward(model(torch.ones(1, 2)).sum(), optimizer, ctx)
+        optimizer.step()
+    state = optimizer.state_dict()
+    assert state["accel_accumulation"] == {"micro_step": 3}
+    fresh = nn.Linear(2, 1)
+    other, other_ctx = accel.wrap_optimizer(torch.optim.SGD(fresh.parameters(), lr=0.1),
+                                            accel.Context())
+    fresh, other, _ = accel.accumulate_grads(fresh, other, other_ctx, steps=4)
+    other.load_state_dict(state)
+    assert other.accumulation.micro_step == 3 and other.sync_gradients

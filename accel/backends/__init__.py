@@ -8,6 +8,7 @@ call ``backend_for(ctx).<function>``; no public function branches on the engine.
 from __future__ import annotations
 
 import importlib
+from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,6 +48,9 @@ class Backend(Protocol):
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
         """Clip the gradients of `model` in place; return their total norm across ranks."""
+
+    def join(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """A block in which ranks that run out of inputs early shadow the others' collectives."""
 
 
 def backend_for(ctx: Context) -> ModuleType:

@@ -8,6 +8,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from accel.backends import single
@@ -95,13 +96,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+def _require_ddp(model: nn.Module, purpose: str) -> None:
+    # On the inner module the switches would be plain attributes DDP never reads.
     if not isinstance(model, DistributedDataParallel):
-        # On the inner module the switch would be a plain attribute DDP never reads.
         raise IncompatibleOptionsError(
-            f"gradient sync of DDP is switched on the model shard_model returned, got a "
-            f"{type(model).__name__}; pass that model, not accel.unwrap_model(model, ctx)"
+            f"{purpose} needs the model shard_model returned, got a {type(model).__name__}; "
+            "pass that model, not accel.unwrap_model(model, ctx)"
         )
+
+
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    _require_ddp(model, "switching DDP's gradient sync")
     # What DDP.no_sync() toggles; DDP reads it at the start of each forward.
     model.require_backward_grad_sync = enabled
 
+
+def join(model: nn.Module) -> Join:
+    """torch's Join: a rank out of batches shadows the all-reduces of those still training."""
+    _require_ddp(model, "join_uneven_inputs")
+    return Join([model])

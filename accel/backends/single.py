@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -33,3 +34,8 @@ def backward(loss: torch.Tensor, optimizer: Any, **kwargs: Any) -> None:
 
 def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
+
+
+def join(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """One process has no peers to wait for."""
+    return contextlib.nullcontext()

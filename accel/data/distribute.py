@@ -54,7 +54,8 @@ def distribute_loader(
             slice of every batch (the batch size must divide by the world size).
         even_batches: complete the last step with samples from the start of the epoch so
             every rank gets as many batches (`gather_for_metrics` drops the duplicates);
-            False: some ranks get one batch fewer, which DDP must then `join`.
+            False: some ranks get one batch fewer; under a training engine (shard_model
+            applied first) iterate inside `accel.join_uneven_inputs`, or the loader refuses.
         dispatch_batches: rank 0 alone iterates the loader and broadcasts each rank its
             part (streams that must be read once); every rank must iterate in step.
         device_placement: move batches to `ctx.device`.
@@ -92,7 +93,8 @@ def distribute_loader(
         device=ctx.device if device_placement else None,
         non_blocking=loader.pin_memory if non_blocking is None else non_blocking,
         batch_size=_per_rank_batch_size(loader, ctx, split_batches),
-        dispatch_batches=dispatch_batches, dataset=loader.dataset, **options)
+        dispatch_batches=dispatch_batches, dataset=loader.dataset,
+        guard_uneven=ctx.backend != "single", **options)
     setattr(loader, _MARK, True)
     non_defaults = [f"{name}={value}" for name, value, default in (
         ("split_batches", split_batches, False), ("even_batches", even_batches, True),

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from accel.errors import UnsupportedError
+
 _END = object()
 
 
@@ -33,7 +35,8 @@ class DistributedLoader:
 
     def __init__(self, plan: Any, *, rank: int, world_size: int, device: torch.device | None,
                  non_blocking: bool, seed: int, batch_size: int | None, split_batches: bool,
-                 even_batches: bool, dispatch_batches: bool, dataset: Any):
+                 even_batches: bool, dispatch_batches: bool, dataset: Any,
+                 guard_uneven: bool = False):
         self._plan = plan
         self.rank = rank
         self.world_size = world_size
@@ -46,6 +49,11 @@ class DistributedLoader:
         self.even_batches = even_batches
         self.dispatch_batches = dispatch_batches
         self.dataset = dataset
+        #: refuse to start an uneven epoch outside `accel.join_uneven_inputs` (a training
+        #: engine would wait forever for the rank that ran out of batches).
+        self.guard_uneven = guard_uneven
+        #: set by `accel.join_uneven_inputs` while its block runs.
+        self.joined = False
         self._epoch = 0
         self._position = 0        # batches of the current epoch handed out (or skipped)
         self._pending_skip = 0    # batches the next iteration leaves out (resume)
@@ -113,12 +121,23 @@ class DistributedLoader:
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[Any]:
+        self._check_uneven()
         self._roll_over_if_done()
         self._generation += 1
         skip, self._pending_skip = self._pending_skip, 0
         self._position, self._is_last, self._batch_padding = skip, False, 0
         self._remainder = None
         return self._run(self._generation, self._epoch, skip)
+
+    def _check_uneven(self) -> None:
+        counts = self.batches_per_rank if self.guard_uneven and not self.joined else None
+        if counts and len(set(counts)) > 1:
+            raise UnsupportedError(
+                f"with even_batches=False the ranks get {counts} batches: a rank that runs "
+                "out first would leave the others waiting forever in the gradient all-reduce. "
+                "Iterate inside `with accel.join_uneven_inputs(model, ctx, loader=loader):`, "
+                "or keep even_batches=True"
+            )
 
     def _run(self, generation: int, epoch: int, skip: int) -> Iterator[Any]:
         stream = self._plan.iterate(epoch, skip)

@@ -1,0 +1,34 @@
+"""Training on inputs that are uneven across ranks, without hanging."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from accel.backends import backend_for
+from accel.context import Context
+
+
+@contextlib.contextmanager
+def join_uneven_inputs(model: nn.Module, ctx: Context, *, loader: Any = None) -> Iterator[None]:
+    """Let ranks with fewer batches finish early: they shadow the others' collectives.
+
+    Needed with `distribute_loader(..., even_batches=False)` under DDP, where some ranks
+    get one batch fewer; pass that loader so it knows it may start an uneven epoch.
+
+    >>> with accel.join_uneven_inputs(model, ctx, loader=loader):
+    ...     for batch in loader:
+    ...         train_step(batch)
+    """
+    with backend_for(ctx).join(model):
+        if loader is None:
+            yield
+            return
+        loader.joined = True
+        try:
+            yield
+        finally:
+            loader.joined = False
