@@ -3,6 +3,7 @@
 from accel import errors
 from accel.accumulation import accumulate_grads, no_sync
 from accel.amp import with_amp
+from accel.backends.deepspeed.engine import deepspeed_init
 from accel.compose import compose
 from accel.context import Context, from_process_group, init, shutdown
 from accel.data import (
@@ -47,7 +48,7 @@ from accel.process import (
     wait_for_everyone,
 )
 from accel.seeding import set_seed, synchronize_rng_states
-from accel.sharding import DDP, Single, shard_model, unwrap_model
+from accel.sharding import DDP, FSDP, DeepSpeed, Single, shard_model, unwrap_model
 from accel.world import World, detect_world
 
 __version__ = "0.1.0"
@@ -57,7 +58,9 @@ __all__ = [
     "AccelScheduler",
     "Context",
     "DDP",
+    "DeepSpeed",
     "DistributedLoader",
+    "FSDP",
     "LocalSGD",
     "Single",
     "World",
@@ -71,6 +74,7 @@ __all__ = [
     "clip_grad_value",
     "compose",
     "concatenate",
+    "deepspeed_init",
     "detect_world",
     "distribute_loader",
     "errors",
@@ -104,4 +108,33 @@ __all__ = [
     "with_amp",
     "wrap_optimizer",
     "wrap_scheduler",
+]
+
+# Big-model inference: meta init, device maps, CPU/disk offload, streaming loads, estimates.
+from accel.inference import (  # noqa: E402
+    check_device_map,
+    compute_module_sizes,
+    dispatch_model,
+    dispatch_stats,
+    estimate_memory,
+    explain_device_map,
+    infer_device_map,
+    init_empty_weights,
+    init_on_device,
+    load_checkpoint_and_dispatch,
+    remove_dispatch,
+)
+
+__all__ += [
+    "check_device_map",
+    "compute_module_sizes",
+    "dispatch_model",
+    "dispatch_stats",
+    "estimate_memory",
+    "explain_device_map",
+    "infer_device_map",
+    "init_empty_weights",
+    "init_on_device",
+    "load_checkpoint_and_dispatch",
+    "remove_dispatch",
 ]

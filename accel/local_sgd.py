@@ -11,8 +11,9 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from accel.accumulation import no_sync
+from accel.backends import backend_for
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError
+from accel.errors import IncompatibleOptionsError, UnsupportedError
 
 
 class LocalSGD:
@@ -55,6 +56,11 @@ def local_sgd(model: nn.Module, ctx: Context, *, sync_every: int) -> Iterator[Lo
     """
     if not isinstance(sync_every, int) or sync_every < 1:
         raise IncompatibleOptionsError(f"sync_every must be a positive integer, got {sync_every!r}")
+    if not backend_for(ctx).supports_local_sgd:
+        raise UnsupportedError(
+            f"local_sgd needs every rank to hold and update whole parameters; the {ctx.backend} "
+            "backend shards them. Use strategy='ddp' (or a single process)"
+        )
     sgd = LocalSGD(model, ctx, sync_every)
     with no_sync(model, ctx):
         yield sgd

@@ -258,7 +258,7 @@ def clip_grad_value(
 ) -> None:
     """Clamp every gradient element to [-clip_value, clip_value] (see clip_grad_norm)."""
     if _ready_to_clip(ctx, optimizer, "clip_grad_value"):
-        torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+        backend_for(ctx).clip_grad_value(model, clip_value)
 
 
 def _ready_to_clip(ctx: Context, optimizer: AccelOptimizer | None, name: str) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 from torch import nn
@@ -11,6 +11,10 @@ from torch import nn
 from accel.backends import backend_for, load_backend
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
 
 
 @attrs.frozen
@@ -42,7 +46,98 @@ class DDP:
     comm_state: Any = None
 
 
-_BY_NAME: dict[str, Callable[[], Any]] = {"single": Single, "ddp": DDP}
+def _to_shard_units(value: Any) -> Any:
+    """One module class, or a list or set of them, as a tuple (frozen configs hash)."""
+    if isinstance(value, type):
+        return (value,)
+    if isinstance(value, (list, set, frozenset)):
+        return tuple(value)
+    return value
+
+
+@attrs.frozen
+class FSDP:
+    """torch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded.
+
+    Args:
+        shard_units: the modules that become their own shard unit (one all-gather and
+            one reduce-scatter each): module classes, a parameter count (the smallest
+            modules holding that many parameters not yet in a unit), or a function
+            `module -> bool`. Default: the repeated blocks of each nn.ModuleList
+            (transformer layers), else the root alone.
+        reshard_after_forward: free gathered parameters after forward (True) or keep them
+            for backward (False); None is torch's choice (True for units, False for root).
+        mixed_precision: a torch `MixedPrecisionPolicy`; by default from the Context
+            (bf16/fp16: parameters gathered in that dtype, gradients reduced in fp32).
+        cpu_offload: keep shards, gradients and optimizer state on the CPU: True, or a
+            torch `CPUOffloadPolicy` (True pins memory only for an accelerator device).
+        activation_checkpointing: recompute each shard unit's activations in backward.
+        replicate_degree: HSDP: a (replicate_degree, world_size / replicate_degree)
+            device mesh; parameters are sharded along the second dimension, replicated
+            along the first.
+        mesh: your own torch DeviceMesh (1-D: FSDP, 2-D: HSDP) instead.
+        init_fn: for a model built on the meta device, called on each module holding
+            parameters or buffers once they are allocated; default `reset_parameters()`.
+
+    >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.FSDP(shard_units=Block))
+    """
+
+    backend: ClassVar[str] = "fsdp"
+    shard_units: (tuple[type[nn.Module], ...] | int | Callable[[nn.Module], bool] | None) = (
+        attrs.field(default=None, converter=_to_shard_units))
+    reshard_after_forward: bool | int | None = None
+    mixed_precision: MixedPrecisionPolicy | None = None
+    cpu_offload: bool | OffloadPolicy = False
+    activation_checkpointing: bool = False
+    replicate_degree: int | None = None
+    mesh: DeviceMesh | None = None
+    init_fn: Callable[[nn.Module], None] | None = None
+
+
+def _check_deepspeed_stage(instance: Any, attribute: Any, value: int | None) -> None:
+    if value not in (None, 1, 2, 3):
+        raise IncompatibleOptionsError(
+            f"DeepSpeed stage must be 1 (optimizer state partitioned), 2 (+ gradients) or "
+            f"3 (+ parameters), got {value!r}"
+        )
+
+
+@attrs.frozen
+class DeepSpeed:
+    """DeepSpeed ZeRO: optimizer state (stage 1), gradients (2) and parameters (3) partitioned.
+
+    `shard_model` wraps the model; `wrap_optimizer` links the optimizer to it; the engine
+    (`deepspeed.initialize`) is built at the model's first forward, once accumulation
+    and batch size are known. The loop stays the one of every other strategy:
+    `accel.backward`, `optimizer.step()`, `optimizer.zero_grad()`, `accel.clip_grad_norm`
+    go through the engine.
+
+    One source of truth: precision (with_amp), gradient accumulation (accumulate_grads),
+    clipping (clip_grad_norm), batch size (the loader linked to accumulate_grads, else the
+    first forward's batch) and fp16 loss scaling (the GradScaler of wrap_optimizer) are
+    written into the DeepSpeed config. `config` adds everything else; where it sets one
+    of those to another value an error names both ("auto" is filled in).
+
+    Args:
+        stage: ZeRO stage 1, 2 or 3; None: the config's, else 2.
+        offload_optimizer: keep optimizer state and fp32 master weights on the CPU.
+        offload_params: keep partitioned parameters on the CPU (stage 3 only).
+        config: a DeepSpeed config dict or JSON file path (zero_optimization tuning,
+            communication settings, ...). None: accel's settings alone.
+
+    >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.DeepSpeed(stage=3))
+    """
+
+    backend: ClassVar[str] = "deepspeed"
+    stage: int | None = attrs.field(default=None, validator=_check_deepspeed_stage)
+    offload_optimizer: bool | None = None
+    offload_params: bool | None = None
+    # A dict does not hash: compared, but left out of the hash of the frozen config.
+    config: Any = attrs.field(default=None, hash=False)
+
+
+_BY_NAME: dict[str, Callable[[], Any]] = {"single": Single, "ddp": DDP, "fsdp": FSDP,
+                                          "deepspeed": DeepSpeed}
 
 
 def resolve_strategy(strategy: str | Any | None, ctx: Context) -> Any:

@@ -8,7 +8,6 @@ import threading
 import pytest
 import torch.distributed as dist
 
-
 # pytest names the running test; torch sets its compiler cache folder once, on first use.
 _SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
 

@@ -97,7 +97,7 @@ def test_init_joins_a_real_world_from_other_launchers(launcher):
         procs.append(subprocess.Popen([sys.executable, "-c", PROBE], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outputs = [p.communicate(timeout=120) for p in procs]
-    for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+    for rank, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
         assert proc.returncode == 0, err
         assert out.split() == [str(rank), "2", launcher, "2"]
 

@@ -30,7 +30,8 @@ def train_locally(ctx: accel.Context) -> dict[str, list[torch.Tensor]]:
 
 def test_local_sgd_averages_every_k_steps_and_on_exit():
     rank0, rank1 = run_world(train_locally, 2)
-    for step, (a, b) in enumerate(zip(rank0["snapshots"], rank1["snapshots"]), start=1):
+    pairs = zip(rank0["snapshots"], rank1["snapshots"], strict=True)
+    for step, (a, b) in enumerate(pairs, start=1):
         # without gradient sync the ranks drift apart, except right after an averaging
         assert torch.equal(a, b) == (step % 3 == 0), f"step {step}"
     assert torch.equal(rank0["final"][0], rank1["final"][0])
@@ -39,4 +40,11 @@ def test_local_sgd_averages_every_k_steps_and_on_exit():
 def test_local_sgd_rejects_bad_period():
     with pytest.raises(accel.errors.IncompatibleOptionsError, match="sync_every"):
         with accel.local_sgd(nn.Linear(2, 2), accel.Context(), sync_every=0):
+            pass
+
+
+def test_local_sgd_refuses_sharded_backends():
+    ctx = accel.Context().record("shard_model(fsdp)", backend="fsdp")
+    with pytest.raises(accel.errors.UnsupportedError, match="strategy='ddp'"):
+        with accel.local_sgd(nn.Linear(2, 2), ctx, sync_every=2):
             pass

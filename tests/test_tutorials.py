@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO, accel_cli
 
 
@@ -20,6 +22,28 @@ def test_02_custom_loop_on_two_processes_learns():
     assert len(accuracy) == 4 and accuracy[-1] > 0.8, result.stdout
     assert "(250 samples)" in result.stdout  # every evaluation sample exactly once
     assert "backend=ddp" in result.stdout and "precision=bf16" in result.stdout
+
+
+def test_02_same_loop_on_fsdp_changes_only_the_strategy():
+    result = accel_cli("launch", "-n", "2", "tutorials/02_custom_training_loop.py",
+                       "--strategy", "fsdp")
+    assert result.returncode == 0, result.stderr
+    assert "shard_model(fsdp)" in result.stdout and "precision=bf16" in result.stdout
+    accuracy = numbers_after("accuracy", result.stdout)
+    assert len(accuracy) == 4 and accuracy[-1] > 0.8, result.stdout
+    assert "(250 samples)" in result.stdout
+
+
+def test_02_same_loop_on_deepspeed_changes_only_the_strategy():
+    if importlib.util.find_spec("deepspeed") is None:  # importing it sets variables
+        pytest.skip("deepspeed is not installed (pip install 'accel[deepspeed]')")
+    result = accel_cli("launch", "-n", "2", "tutorials/02_custom_training_loop.py",
+                       "--strategy", "deepspeed", "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "shard_model(deepspeed)" in result.stdout and "precision=bf16" in result.stdout
+    accuracy = numbers_after("accuracy", result.stdout)
+    assert len(accuracy) == 2 and accuracy[-1] > 0.8, result.stdout
+    assert "(250 samples)" in result.stdout
 
 
 def test_02_same_loop_one_process_fp16_accumulation():

@@ -8,7 +8,9 @@
 The virtual environment lives outside the checkout, in
 $ACCEL_CACHE_DIR (default ~/.cache/accel)/venv-<hash>, where the hash covers the Python
 version and every requirement installed; a change of dependencies builds a new one, a
-fresh clone reuses the old one. Only the standard library is used here.
+fresh clone reuses the old one. DeepSpeed's JIT-built C++ ops are cached beside it, in
+$ACCEL_CACHE_DIR/torch_extensions (TORCH_EXTENSIONS_DIR overrides). Only the standard
+library is used here.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-# Extras of pyproject.toml installed into the dev venv (later: "deepspeed", "fp8", ...).
-EXTRAS = ["dev", "fp8"]
+# Extras of pyproject.toml installed into the dev venv.
+EXTRAS = ["dev", "fp8", "deepspeed"]
 # Pinned and installed first: an unpinned torch resolves to a CUDA build of several GB.
 TORCH_PIN = "torch==2.13.0"
 
@@ -54,12 +56,26 @@ def requirements() -> list[str]:
     return sorted(set(found))
 
 
+def cache_dir() -> Path:
+    """$ACCEL_CACHE_DIR, default ~/.cache/accel: venvs and built C++ ops, outside the checkout."""
+    return Path(os.environ.get("ACCEL_CACHE_DIR") or Path.home() / ".cache" / "accel").expanduser()
+
+
 def venv_dir(reqs: list[str]) -> Path:
     """The cache folder of the venv for these requirements and this Python."""
     key = json.dumps({"python": sys.version, "torch": TORCH_PIN, "requirements": reqs})
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("ACCEL_CACHE_DIR") or Path.home() / ".cache" / "accel")
-    return cache.expanduser() / f"venv-{digest}"
+    return cache_dir() / f"venv-{digest}"
+
+
+def task_env() -> dict[str, str]:
+    """The environment of a task, with TORCH_EXTENSIONS_DIR in the cache.
+
+    DeepSpeed's JIT-built C++ ops (30-60 s each) land there, so the next run, and CI
+    restoring the cache, loads them instead of building them again.
+    """
+    default = str(cache_dir() / "torch_extensions")
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", default)}
 
 
 def venv_python(venv: Path) -> Path:
@@ -130,13 +146,13 @@ def run(venv: Path, args: list[str], env: dict[str, str] | None = None) -> int:
 def demo(venv: Path, args: list[str]) -> int:
     say("running tutorial 01 on 2 CPU processes: accel launch -n 2 ...")
     tutorial = str(REPO / "tutorials" / "01_first_distributed_run.py")
-    return run(venv, ["-m", "accel", "launch", "-n", "2", tutorial, *args])
+    return run(venv, ["-m", "accel", "launch", "-n", "2", tutorial, *args], task_env())
 
 
 def test(venv: Path, args: list[str]) -> int:
     # One thread per process: the spawned tests share the cores between 2 ranks, and a
     # fixed thread count keeps floating-point results the same on every machine.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**task_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     say(f"running pytest {' '.join(args)}".rstrip())
     code = run(venv, ["-m", "pytest", *args], env)
     if code == NO_TESTS_COLLECTED:

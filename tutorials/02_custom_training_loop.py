@@ -5,7 +5,8 @@
     python tutorials/02_custom_training_loop.py            # one process, same code
 
 The loop below is plain PyTorch; the transforms before it decide how it runs: in which
-precision (with_amp), on which engine (shard_model: single process or DDP), with which
+precision (with_amp), on which engine (shard_model: one process, DDP, FSDP2 or DeepSpeed
+ZeRO), with which
 loss scaling (wrap_optimizer), how often the optimizer really steps (accumulate_grads),
 how the schedule counts (wrap_scheduler) and which batches each process reads
 (distribute_loader). Change a flag, not the loop.
@@ -29,7 +30,8 @@ def make_data(num_samples: int, seed: int) -> TensorDataset:
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", default=None, help="single, ddp (default: by world size)")
+    parser.add_argument("--strategy", default=None,
+                        help="single, ddp, fsdp, deepspeed (default: ddp on 2+ processes)")
     parser.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16", "fp8"])
     parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)

@@ -11,7 +11,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
-from accel.backends import single
+from accel.backends import single, state
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, UnsupportedError
 
@@ -22,6 +22,11 @@ wrap_optimizer = single.wrap_optimizer
 backward = single.backward
 # Gradients are identical on every rank after the all-reduce: the local norm is the global one.
 clip_grad_norm = single.clip_grad_norm
+clip_grad_value = single.clip_grad_value
+supports_local_sgd = True
+# torch's state-dict functions strip DDP's `module.` prefix: keys are the user's names.
+get_state_dict = state.get_state_dict
+set_state_dict = state.set_state_dict
 
 
 def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:

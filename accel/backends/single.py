@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from accel.backends import state
 from accel.context import Context
+
+supports_local_sgd = True
+
+# State dicts go through torch.distributed.checkpoint, the same for every torch engine.
+get_state_dict = state.get_state_dict
+set_state_dict = state.set_state_dict
 
 
 def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
@@ -34,6 +41,10 @@ def backward(loss: torch.Tensor, optimizer: Any, **kwargs: Any) -> None:
 
 def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
+
+
+def clip_grad_value(model: nn.Module, clip_value: float) -> None:
+    torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
 
 
 def join(model: nn.Module) -> contextlib.AbstractContextManager[None]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from accel.cli import env, launch
+from accel.cli import env, estimate, launch
 from accel.errors import AccelError
 
 # Each module registers its subcommand with `add_parser(subparsers)`; add new ones here.
-_COMMANDS = (launch, env)
+_COMMANDS = (launch, env, estimate)
 
 
 def build_parser() -> argparse.ArgumentParser:

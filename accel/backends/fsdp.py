@@ -1,0 +1,371 @@
+"""FSDP2 (torch's `fully_shard`): parameters, gradients and optimizer state sharded.
+
+Each shard unit (by default the repeated blocks of the model) is one all-gather before
+its forward and one reduce-scatter after its backward; the root unit holds the rest.
+`fully_shard` turns parameters into DTensors in place: names do not change and the
+model stays the user's own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from accel.backends import collect_engine_cycles_at_exit, single, state
+from accel.context import Context
+from accel.errors import IncompatibleOptionsError, UnsupportedError
+
+# Loss scaling is the single-process one: GradScaler's inf check on DTensor gradients is
+# all-reduced by DTensor itself (found_inf_reduce_handler), so every rank skips together.
+backward = single.backward
+# Element-wise clamping needs no communication: each rank clamps its own gradient shards.
+clip_grad_value = single.clip_grad_value
+# Without gradient sync FSDP2 never reduces gradients into the shards: nothing would train.
+supports_local_sgd = False
+# torch's state-dict functions gather or keep the DTensor shards (full=True / False).
+get_state_dict = state.get_state_dict
+set_state_dict = state.set_state_dict
+
+#: parameter dtype FSDP2 gathers for the forward, per ctx.precision (fp8: torchao's
+#: Float8Linear casts for itself, autocast lowers the rest, so shards stay fp32).
+_PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointedForward:
+    """A forward whose activations are recomputed in backward (torch.utils.checkpoint)."""
+
+    def __init__(self, forward: Callable[..., Any]):
+        functools.update_wrapper(self, forward)
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(self.forward, *args, use_reentrant=False,
+                                                 **kwargs)
+
+
+def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
+    """Shard every unit, then the root; a meta-device model is allocated unit by unit."""
+    _check_process_group(ctx)
+    units = select_shard_units(model, strategy.shard_units)
+    on_meta = any(t.is_meta for t in _tensors(model, recurse=True))
+    if on_meta:
+        _check_initialisable(model, strategy.init_fn)
+    options: dict[str, Any] = dict(
+        mesh=_mesh(ctx, strategy), mp_policy=_mixed_precision(strategy, ctx),
+        offload_policy=_offload_policy(strategy, ctx),
+    )
+    if strategy.reshard_after_forward is not None:
+        options["reshard_after_forward"] = strategy.reshard_after_forward
+    if strategy.activation_checkpointing:
+        _checkpoint_activations(units)
+    for unit in (*units, model):  # innermost first: fully_shard groups what is left
+        slots = _parameter_slots(unit)
+        if on_meta:
+            _materialise(unit, ctx.device, strategy.init_fn)
+        _sync_from_rank0(unit, ctx)
+        fully_shard(unit, **options)
+        _link_sharded_parameters(slots)
+    collect_engine_cycles_at_exit()
+    return model
+
+
+def select_shard_units(model: nn.Module, spec: Any) -> list[nn.Module]:
+    """The modules to shard before the root, innermost first (the order fully_shard needs)."""
+    if spec is None:
+        units = _repeated_blocks(model)
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise IncompatibleOptionsError(
+                f"FSDP(shard_units={spec}) as a parameter count must be positive")
+        units = _by_parameter_count(model, spec)
+    elif isinstance(spec, tuple) and spec and all(
+            isinstance(cls, type) and issubclass(cls, nn.Module) for cls in spec):
+        units = _matching(model, lambda module: isinstance(module, spec), spec)
+    elif callable(spec) and not isinstance(spec, type):
+        units = _matching(model, spec, spec)
+    else:
+        raise IncompatibleOptionsError(
+            f"FSDP(shard_units={spec!r}) is not understood: pass module classes, a "
+            "parameter count, a function module -> bool, or None for the repeated blocks"
+        )
+    position = {id(module): index for index, module in enumerate(model.modules())}
+    unique = {id(unit): unit for unit in units if _has_parameters(unit)}
+    return sorted(unique.values(), key=lambda unit: -position[id(unit)])
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The entries of every nn.ModuleList of 2+ modules of one class: transformer layers."""
+    units: list[nn.Module] = []
+    inside: set[int] = set()  # modules within a chosen block: no units nested in units
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList):
+            continue
+        blocks = list(module)
+        if (len(blocks) >= 2 and len({type(block) for block in blocks}) == 1
+                and all(_has_parameters(block) for block in blocks)):
+            units.extend(blocks)
+            inside.update(id(sub) for block in blocks for sub in block.modules())
+    return units
+
+
+def _by_parameter_count(model: nn.Module, threshold: int) -> list[nn.Module]:
+    """The smallest modules holding `threshold`+ parameters not already in a unit."""
+    units: list[nn.Module] = []
+
+    def remaining(module: nn.Module) -> int:
+        count = sum(param.numel() for param in module.parameters(recurse=False))
+        count += sum(remaining(child) for child in module.children())
+        if module is not model and count >= threshold:
+            units.append(module)
+            return 0
+        return count
+
+    remaining(model)
+    return units
+
+
+def _matching(model: nn.Module, predicate: Callable[[nn.Module], bool], spec: Any) -> list:
+    units = [module for module in model.modules() if module is not model and predicate(module)]
+    if not units:
+        raise IncompatibleOptionsError(
+            f"FSDP(shard_units={spec!r}) matches no module below the root of this "
+            f"{type(model).__name__}; check the classes or the function"
+        )
+    return units
+
+
+def _check_process_group(ctx: Context) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise IncompatibleOptionsError(
+            "strategy FSDP needs a started process group: launch with `accel launch -n 2 "
+            "script.py` and use accel.init(); for one process start a group of size 1 "
+            "(torch.distributed.init_process_group) and use accel.Context.from_process_group()"
+        )
+
+
+def _mesh(ctx: Context, strategy: Any) -> DeviceMesh:
+    if strategy.mesh is not None:
+        return strategy.mesh
+    device_type = ctx.device.type
+    degree = strategy.replicate_degree
+    if degree is None:
+        if ctx.group is not None:
+            return DeviceMesh.from_group(ctx.group, device_type)
+        return init_device_mesh(device_type, (ctx.world_size,))
+    if not isinstance(degree, int) or degree < 1 or ctx.world_size % degree:
+        raise IncompatibleOptionsError(
+            f"FSDP(replicate_degree={degree!r}) must be a positive divisor of the world size "
+            f"{ctx.world_size}"
+        )
+    if ctx.group is not None:
+        raise IncompatibleOptionsError(
+            "FSDP(replicate_degree=...) builds its mesh from the default process group; for "
+            "a group of your own build a 2-D DeviceMesh and pass FSDP(mesh=...)"
+        )
+    return init_device_mesh(device_type, (degree, ctx.world_size // degree),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def _mixed_precision(strategy: Any, ctx: Context) -> MixedPrecisionPolicy:
+    policy = strategy.mixed_precision
+    if policy is not None:
+        if not isinstance(policy, MixedPrecisionPolicy):
+            raise IncompatibleOptionsError(
+                f"FSDP(mixed_precision=...) takes a torch.distributed.fsdp."
+                f"MixedPrecisionPolicy, got {type(policy).__name__}"
+            )
+        return policy
+    dtype = _PARAM_DTYPES.get(ctx.precision)
+    if dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def _offload_policy(strategy: Any, ctx: Context) -> OffloadPolicy:
+    offload = strategy.cpu_offload
+    if isinstance(offload, OffloadPolicy):
+        return offload
+    if offload is True:
+        # Pinned pages speed up copies to an accelerator; without one pinning fails.
+        return CPUOffloadPolicy(pin_memory=ctx.device.type != "cpu")
+    if offload is False:
+        return OffloadPolicy()
+    raise IncompatibleOptionsError(
+        f"FSDP(cpu_offload=...) takes True, False or a torch CPUOffloadPolicy, got {offload!r}"
+    )
+
+
+def _checkpoint_activations(units: list[nn.Module]) -> None:
+    if not units:
+        raise IncompatibleOptionsError(
+            "FSDP(activation_checkpointing=True) checkpoints the shard units, but this model "
+            "has none below the root; name them with FSDP(shard_units=YourBlock)"
+        )
+    for unit in units:
+        if not isinstance(unit.forward, CheckpointedForward):
+            unit.forward = CheckpointedForward(unit.forward)
+
+
+def _tensors(module: nn.Module, recurse: bool) -> Iterator[torch.Tensor]:
+    yield from module.parameters(recurse=recurse)
+    yield from module.buffers(recurse=recurse)
+
+
+def _holds_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in _tensors(module, recurse=False))
+
+
+def _check_initialisable(model: nn.Module, init_fn: Any) -> None:
+    if init_fn is not None:
+        if not callable(init_fn):
+            raise IncompatibleOptionsError(
+                f"FSDP(init_fn=...) must be a function of one module, got {init_fn!r}")
+        return
+    lacking = [name or type(model).__name__ for name, module in model.named_modules()
+               if _holds_meta(module) and not callable(getattr(module, "reset_parameters", None))]
+    if lacking:
+        raise IncompatibleOptionsError(
+            f"the model is on the meta device, but {lacking[:3]} hold parameters or buffers "
+            "and have no reset_parameters(): pass FSDP(init_fn=fn), fn(module) initialising "
+            "the module's own tensors (a no-op if you load a checkpoint next)"
+        )
+
+
+def _materialise(unit: nn.Module, device: torch.device, init_fn: Any) -> None:
+    """Allocate the unit's meta tensors on `device` and initialise them, ties kept.
+
+    Runs just before the unit is sharded (then rank 0's values are broadcast), so shards
+    are slices of one initialised model and no rank ever holds more than one unsharded
+    unit beside its shards.
+    """
+    owners = [module for module in unit.modules() if _holds_meta(module)]
+    allocated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def allocate(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in allocated:
+            real = torch.empty_like(tensor, device=device)
+            if isinstance(tensor, nn.Parameter):
+                real = nn.Parameter(real, requires_grad=tensor.requires_grad)
+            allocated[id(tensor)] = (tensor, real)  # the meta tensor is kept: ids stay unique
+        return allocated[id(tensor)][1]
+
+    for module in owners:
+        for name, tensor in [*module.named_parameters(recurse=False),
+                             *module.named_buffers(recurse=False)]:
+            if tensor.is_meta:
+                setattr(module, name, allocate(tensor))
+    with torch.no_grad():
+        for module in owners:
+            init_fn(module) if init_fn is not None else module.reset_parameters()
+
+
+def _sync_from_rank0(unit: nn.Module, ctx: Context) -> None:
+    """Give every rank rank 0's values of the unit's tensors, as DDP does at wrap time.
+
+    fully_shard keeps each rank's own slice: ranks initialised differently would train a
+    model stitched from several, and HSDP replicas would never agree.
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for tensor in _tensors(unit, recurse=True):
+            if isinstance(tensor, DTensor) or id(tensor) in seen:
+                continue  # already sharded with an inner unit
+            seen.add(id(tensor))
+            dist.broadcast(tensor.detach(), group_src=0, group=ctx.group)
+
+
+def _parameter_slots(unit: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """Where the parameters that sharding `unit` will replace are registered."""
+    return [(module, name, param) for module in unit.modules()
+            for name, param in module.named_parameters(recurse=False)
+            if not isinstance(param, DTensor)]
+
+
+def _link_sharded_parameters(slots: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
+    """Mark each replaced parameter with its sharded successor, for `wrap_optimizer`.
+
+    Unit by unit, so that no list holds the unsharded parameters of the whole model.
+    """
+    for module, name, original in slots:
+        sharded = getattr(module, name)
+        if sharded is not original:
+            original._accel_sharded = sharded
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return model
+
+
+def wrap_optimizer(optimizer: Any, ctx: Context) -> Any:
+    """Point an optimizer built before shard_model at the sharded parameters.
+
+    State the optimizer already has (it stepped before sharding) is sharded the same way
+    as its parameter; an optimizer built after shard_model is left as it is.
+    """
+    for group in optimizer.param_groups:
+        group["params"] = [getattr(param, "_accel_sharded", param) for param in group["params"]]
+    state = optimizer.state
+    for old in [param for param in state if hasattr(param, "_accel_sharded")]:
+        new = old._accel_sharded
+        state[new] = {key: _shard_like(value, new) for key, value in state.pop(old).items()}
+    return optimizer
+
+
+def _shard_like(value: Any, param: DTensor) -> Any:
+    if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
+        return value
+    if value.shape != param.shape:  # step counters and other scalars
+        return value
+    # Every rank holds the same full tensor: each keeps its own slice, nothing is sent.
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+
+def _require_fsdp(model: nn.Module, purpose: str) -> None:
+    if not isinstance(model, FSDPModule):
+        raise IncompatibleOptionsError(
+            f"{purpose} needs the model shard_model(strategy=FSDP) returned, got a "
+            f"{type(model).__name__} that fully_shard did not touch"
+        )
+
+
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP2's own switch: without sync, unsharded gradients accumulate locally."""
+    _require_fsdp(model, "switching FSDP's gradient sync")
+    model.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
+    """Clip by the norm of all gradient shards together: the norm of the whole model."""
+    grads = [param.grad for param in model.parameters() if param.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+    return total
+
+
+def join(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    raise UnsupportedError(
+        "FSDP2 has no Join support for uneven inputs: keep distribute_loader's default "
+        "even_batches=True, which gives every rank the same number of batches"
+    )

@@ -1,0 +1,88 @@
+"""State dicts of the torch-native engines (single, ddp, fsdp), through one implementation.
+
+torch.distributed.checkpoint.state_dict strips DDP's ``module.`` prefix, gathers or keeps
+FSDP2's DTensor shards, and keys optimizer state by parameter name instead of position:
+whatever engine trained a model, its state dicts carry the user's own names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from accel.errors import InvalidArgumentError
+from accel.optim import AccelOptimizer
+
+
+def get_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, *, full: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model's (and optimizer's) state: full on rank 0's CPU, or in native sharded form.
+
+    Args:
+        full: True gathers unsharded tensors to the CPU of rank 0 (the other ranks of a
+            multi-process world get empty dicts, so no rank but one holds a full copy);
+            False returns the engine's own form (DTensor shards under FSDP2; tensors that
+            share memory with the model otherwise) for torch.distributed.checkpoint.
+
+    Returns:
+        (model state, optimizer state or None when `optimizer` is None).
+    """
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    model_state = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return model_state, None
+    return model_state, get_optimizer_state_dict(model, _torch_optimizer(optimizer),
+                                                 options=options)
+
+
+def set_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None,
+    model_state: dict[str, Any], optimizer_state: dict[str, Any] | None, *, full: bool,
+) -> None:
+    """Load state dicts in the form `get_state_dict(..., full=full)` returns.
+
+    With full=True in a multi-process world only rank 0's dicts are read and broadcast
+    (other ranks may pass {}), so a checkpoint file need only be read on rank 0.
+    The dicts passed in are left as they are.
+    """
+    if (optimizer is None) != (optimizer_state is None):
+        raise InvalidArgumentError(
+            "pass both optimizer and optimizer_state to load optimizer state, or neither "
+            "(optimizer=None, optimizer_state=None) to load the model only"
+        )
+    broadcast = full and dist.is_available() and dist.is_initialized() and (
+        dist.get_world_size() > 1)
+    options = StateDictOptions(full_state_dict=full, broadcast_from_rank0=broadcast)
+    # torch renames and pops keys of the dicts it is given: it gets copies. Model and
+    # optimizer load separately: torch's combined call skips the model on a rank whose
+    # model dict is empty, and rank 0 then waits forever in the broadcast.
+    set_model_state_dict(model, dict(model_state), options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, _torch_optimizer(optimizer),
+                                 _copy_containers(optimizer_state), options=options)
+
+
+def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    # torch reads param_groups and state and calls step(); the wrapper's own extras (loss
+    # scale, accumulation micro-step) are not part of the engine's state.
+    return optimizer.optimizer if isinstance(optimizer, AccelOptimizer) else optimizer
+
+
+def _copy_containers(value: Any) -> Any:
+    """A copy of nested dicts and lists; the tensors in them are shared, not copied."""
+    if isinstance(value, dict):
+        return {key: _copy_containers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_containers(item) for item in value]
+    return value
