@@ -173,12 +173,14 @@ def worker(impl: str, workdir: Path, new_tokens: int, scenario: str) -> dict:
     # of how busy the machine was.
     result["tok_s"] = new_tokens / statistics.median(walls)
     result["cpu_ms_per_token"] = 1000 * statistics.median(cpus) / new_tokens
+    result["evict_s_per_token"] = sum(evicting) / new_tokens  # of the last generation
     result["generate_peak_mib"] = (status("VmHWM") - before) / 2**20
     if impl.startswith("accel-"):
         import accel
 
         stats = accel.dispatch_stats(model)
         result["prefetched"], result["inline"] = stats.prefetched, stats.inline
+        result["in_memory"] = stats.in_memory
         result["wait_s"], result["inline_s"] = stats.wait_s, stats.inline_s
     return result
 

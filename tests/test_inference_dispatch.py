@@ -83,7 +83,8 @@ def test_cpu_and_disk_blocks_give_the_same_outputs(tmp_path):
 
 
 def test_prefetch_thread_loads_every_block_ahead(tmp_path):
-    model = dispatch_model(make_model(), SPLIT_MAP, offload_dir=tmp_path, prefetch=2)
+    model = dispatch_model(make_model(), SPLIT_MAP, offload_dir=tmp_path, prefetch=2,
+                           release_after_use=True)
     try:
         assert len(prefetch_threads()) == 1
         with torch.no_grad():
@@ -100,7 +101,8 @@ def test_prefetch_thread_loads_every_block_ahead(tmp_path):
 
 
 def test_without_prefetch_every_block_loads_inline(tmp_path):
-    model = dispatch_model(make_model(), SPLIT_MAP, offload_dir=tmp_path, prefetch=0)
+    model = dispatch_model(make_model(), SPLIT_MAP, offload_dir=tmp_path, prefetch=0,
+                           release_after_use=True)
     try:
         assert not prefetch_threads()
         with torch.no_grad():
@@ -142,8 +144,12 @@ def test_small_disk_blocks_stay_mapped_between_passes_by_default(tmp_path):
         assert not dispatch_stats(model).release_after_use  # 3 MiB fit in RAM many times
         with torch.no_grad():
             model(torch.ones(1, 512))
+            model(torch.ones(1, 512))
         # Still mapped after the pass: the next one takes no page fault.
         assert resident_bytes_of(str(tmp_path / "1.safetensors")) >= 2**20
+        # Freshly written, the files are in the page cache: nothing to load, ever.
+        stats = dispatch_stats(model)
+        assert (stats.in_memory, stats.inline, stats.prefetched) == (6, 0, 0)
     finally:
         remove_dispatch(model)
 

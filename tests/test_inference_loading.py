@@ -63,13 +63,14 @@ def prompt():
     return torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("prefetch", [2, 0])
-def test_gpt2_split_between_cpu_and_disk_matches_the_whole_model(gpt2, tmp_path, prefetch):
+@pytest.mark.parametrize(("prefetch", "release"), [(2, True), (0, True), (2, None)])
+def test_gpt2_split_between_cpu_and_disk_matches_the_whole_model(gpt2, prefetch, release):
     reference, folder = gpt2
     assert (folder / "model.safetensors.index.json").is_file()
     assert len(set(checkpoint_files(folder).values())) > 4  # really sharded
     model = load_checkpoint_and_dispatch(empty(transformers.GPT2LMHeadModel, gpt2_config()),
-                                         folder, device_map=GPT2_CPU_DISK, prefetch=prefetch)
+                                         folder, device_map=GPT2_CPU_DISK, prefetch=prefetch,
+                                         release_after_use=release)
     try:
         # Same dtype as the checkpoint: disk blocks are read from the shards in place.
         assert mapped_file(model.transformer.h[3].mlp.c_fc.weight).startswith(str(folder))
@@ -81,7 +82,11 @@ def test_gpt2_split_between_cpu_and_disk_matches_the_whole_model(gpt2, tmp_path,
         expected = reference.generate(prompt(), **generate)
         assert torch.equal(model.generate(prompt(), **generate), expected)
         stats = dispatch_stats(model)
-        assert (stats.prefetched > 0) == (prefetch > 0) and stats.inline >= 1
+        if release:  # pages dropped after each use: every pass loads every disk block
+            assert (stats.prefetched > 0) == (prefetch > 0) and stats.inline >= 1
+            assert stats.in_memory == 0
+        else:  # kept mapped; the checkpoint, just written, is in the page cache
+            assert not stats.release_after_use and stats.in_memory > 0
     finally:
         remove_dispatch(model)
 

@@ -7,8 +7,10 @@ batched across processes.
 Part 1, a model bigger than you would like. We build it on the meta device (no memory),
 ask for a device map under a RAM budget (blocks that do not fit go to disk), and stream
 the checkpoint in: RAM blocks are copied once, disk blocks stay in the checkpoint file,
-memory-mapped and paged in just in time while a background thread prefetches the next
-ones. With a GPU, the same calls put the first blocks on it and run the rest there too.
+memory-mapped and read in just in time, while a background thread prefetches the next
+ones (here the small checkpoint stays in the kernel's page cache, so after the first
+pass there is little to prefetch). With a GPU, the same calls put the first blocks on it
+and run the offloaded ones there too.
 
 Part 2, distributed inference: every process loads the model, takes its share of the
 prompts with `split_between_processes`, generates, and `gather_object` brings all the
@@ -86,8 +88,9 @@ def main() -> None:
     seconds = time.perf_counter() - started
     stats = accel.dispatch_stats(model)
     print(f"rank {ctx.rank}: {len(mine)} prompts, "
-          f"{len(mine) * args.new_tokens / seconds:.1f} tokens/s, disk blocks loaded "
-          f"{stats.prefetched} times by the prefetch thread, {stats.inline} inline", flush=True)
+          f"{len(mine) * args.new_tokens / seconds:.1f} tokens/s; disk blocks: "
+          f"{stats.prefetched} loads by the prefetch thread, {stats.inline} inline, "
+          f"{stats.in_memory} found in memory already", flush=True)
 
     everything = accel.gather_object(answers, ctx)  # lists are concatenated in rank order
     for index, answer in everything:

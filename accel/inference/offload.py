@@ -39,6 +39,8 @@ _MADV_WILLNEED = 3
 _MADV_DONTNEED = 4
 _MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the pages in, as reading them would
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# mincore(2) reports a page in RAM in the lowest bit of its byte; the others are reserved.
+_RESIDENT_BIT = bytes(value & 1 for value in range(256))
 
 
 # --------------------------------------------------------------------------- files
@@ -123,6 +125,8 @@ def _libc() -> ctypes.CDLL | None:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     libc.madvise.restype = ctypes.c_int
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    libc.mincore.restype = ctypes.c_int
     return libc
 
 
@@ -168,6 +172,24 @@ def populate(mapped: Iterable[torch.Tensor], map_pages: bool = True) -> None:
         if map_pages:
             # Kernels before 5.14 refuse POPULATE_READ: the readahead above still helps.
             libc.madvise(start, end - start, _MADV_POPULATE_READ)
+
+
+def in_memory(mapped: Iterable[torch.Tensor]) -> bool:
+    """Whether every page of memory-mapped tensors is in RAM (the kernel's page cache).
+
+    One mincore(2) call per range: cheap enough to ask before every block, so that a
+    block already in memory costs no load at all. False where it cannot be known.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    for start, end in _page_ranges(mapped, inward=False):
+        pages = ctypes.create_string_buffer((end - start) // PAGE_SIZE)
+        if libc.mincore(start, end - start, pages) != 0:
+            return False
+        if b"\x00" in pages.raw.translate(_RESIDENT_BIT):
+            return False
+    return True
 
 
 def release(mapped: Iterable[torch.Tensor]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from accel.inference.offload import PrefetchThread, populate, release
+from accel.inference.offload import PrefetchThread, in_memory, populate, release
 
 
 @dataclasses.dataclass(eq=False)
@@ -24,9 +24,10 @@ class Unit:
     module: nn.Module
     params: list[nn.Parameter]
     #: where each parameter's weights live between forwards: resident CPU tensors, or
-    #: views of a memory-mapped file (`mapped`), whose pages may be dropped after use.
+    #: views of a memory-mapped file, whose pages may be dropped after use.
     sources: list[torch.Tensor]
-    mapped: bool
+    #: the sources that are memory-mapped views (a disk block's; none for a "cpu" block).
+    mapped: list[torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +36,15 @@ class DispatchStats:
 
     prefetched: loads the prefetch thread had started before the block was needed.
     inline: loads done on the calling thread, when the block was needed.
+    in_memory: loads skipped because the block's weights were in memory already
+        (disk blocks kept mapped, whose pages the kernel still caches).
     wait_s: time the calling thread waited for prefetched loads still in flight.
     inline_s: time the calling thread spent on inline loads.
     """
 
     prefetched: int = 0
     inline: int = 0
+    in_memory: int = 0
     wait_s: float = 0.0
     inline_s: float = 0.0
     #: whether disk blocks' pages are dropped after each use (else they stay mapped).
@@ -56,6 +60,10 @@ class MappedLoader:
 
     def __init__(self, release: bool):
         self.release = release
+
+    def ready(self, unit: Unit) -> bool:
+        """Nothing to load: kept mapped and all in RAM (asked before every use)."""
+        return not self.release and in_memory(unit.mapped)
 
     def load(self, unit: Unit, background: bool) -> None:
         if unit.mapped:
@@ -81,6 +89,9 @@ class CopyLoader:
         self.device = device
         self.release = release
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def ready(self, unit: Unit) -> bool:
+        return False  # weights are copied for every forward
 
     def load(self, unit: Unit, background: bool) -> tuple[list[torch.Tensor], Any]:
         if background and self.stream is not None:
@@ -148,6 +159,9 @@ class Schedule:
         if future is not None:
             loaded = future.result()
             self._count(prefetched=1, wait_s=time.perf_counter() - started)
+        elif self.loader.ready(unit):
+            loaded = None
+            self._count(in_memory=1)
         else:
             loaded = self.loader.load(unit, background=False)
             self._count(inline=1, inline_s=time.perf_counter() - started)
@@ -172,7 +186,7 @@ class Schedule:
             # Off the predicted path: drop it (a load in flight finishes and is freed).
             self.pending.pop(stale).cancel()
         for index in upcoming:
-            if index not in self.pending:
+            if index not in self.pending and not self.loader.ready(self.units[index]):
                 self.pending[index] = self.thread.submit(self.loader.load, self.units[index],
                                                          True)
 
