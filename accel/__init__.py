@@ -48,7 +48,7 @@ from accel.process import (
     wait_for_everyone,
 )
 from accel.seeding import set_seed, synchronize_rng_states
-from accel.sharding import DDP, FSDP, DeepSpeed, Single, shard_model, unwrap_model
+from accel.sharding import DDP, FSDP, XLA, DeepSpeed, Single, shard_model, unwrap_model
 from accel.world import World, detect_world
 
 __version__ = "0.1.0"
@@ -63,6 +63,7 @@ __all__ = [
     "FSDP",
     "LocalSGD",
     "Single",
+    "XLA",
     "World",
     "accumulate_grads",
     "all_ranks",
@@ -137,4 +138,45 @@ __all__ += [
     "init_on_device",
     "load_checkpoint_and_dispatch",
     "remove_dispatch",
+]
+
+# Checkpoints: exact resume, numbered folders, model export.
+from accel.checkpoint import (  # noqa: E402
+    CheckpointFolder,
+    CheckpointInfo,
+    load_model,
+    load_state,
+    save_model,
+    save_state,
+)
+
+__all__ += ["CheckpointFolder", "CheckpointInfo", "load_model", "load_state", "save_model",
+            "save_state"]
+
+# Around training: trackers, plots, progress bars, launch settings, memory, profiling.
+from accel.cli.settings import TrainingSettings, training_settings  # noqa: E402
+from accel.memory import (  # noqa: E402
+    clear_device_cache,
+    find_executable_batch_size,
+    is_out_of_memory,
+    release_memory,
+)
+from accel.plot import plot_metrics  # noqa: E402
+from accel.profiling import profile_steps  # noqa: E402
+from accel.progress import progress  # noqa: E402  (the function; the module stays importable)
+from accel.tracking import Tracker, Trackers, init_trackers  # noqa: E402
+
+__all__ += [
+    "Tracker",
+    "Trackers",
+    "TrainingSettings",
+    "clear_device_cache",
+    "find_executable_batch_size",
+    "init_trackers",
+    "is_out_of_memory",
+    "plot_metrics",
+    "profile_steps",
+    "progress",
+    "release_memory",
+    "training_settings",
 ]

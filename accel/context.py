@@ -7,6 +7,7 @@ changes per step lives here.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Mapping
@@ -174,7 +175,11 @@ def _xla_device() -> torch.device:
         import torch_xla
     except ImportError as exc:
         raise MissingDependencyError("torch_xla", "xla", "an XLA device") from exc
-    return torch_xla.device()
+    # Not torch_xla.device(): it starts the XLA runtime, after which SPMD (shard_model with
+    # accel.XLA(fsdp=True)) can no longer be switched on. xla:0 is the process's device
+    # both for a replica and for SPMD's virtual device.
+    del torch_xla
+    return torch.device("xla", 0)
 
 
 def default_dist_backend(device: torch.device) -> str:
@@ -216,6 +221,8 @@ def init(
     resolved = resolve_device(device, world.local_rank, env)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
+    if resolved.type == "xla":
+        world = _xla_world(world, env)
     ctx = Context(
         world=world,
         device=resolved,
@@ -232,6 +239,16 @@ def init(
     return ctx
 
 
+def _xla_world(world: World, env: Mapping[str, str]) -> World:
+    """Under `xmp.spawn` (`accel launch --xla`) the XLA runtime, not variables, knows the world."""
+    from accel.backends import xla
+
+    if world.launcher == "single":
+        world = xla.runtime_world(env)
+    xla.check_multiprocess(world)
+    return world
+
+
 def _join_process_group(ctx: Context, backend: str, env: Mapping[str, str]) -> Context:
     world = ctx.world
     owns = not dist.is_initialized()
@@ -240,9 +257,12 @@ def _join_process_group(ctx: Context, backend: str, env: Mapping[str, str]) -> C
         # Other launchers publish no store, so rank 0 starts one at the master address.
         use_env = world.launcher in ("torchrun", "deepspeed") and env is os.environ
         init_method = "env://" if use_env else f"tcp://{world.master_addr}:{world.master_port}"
+        if backend == "xla":  # torch_xla's rendezvous: ranks from the XLA runtime
+            init_method = "xla://"
+        store = _elastic_attempt_store(ctx, env) if use_env else None
         dist.init_process_group(
-            backend, init_method=init_method, rank=world.rank,
-            world_size=world.world_size, timeout=ctx.timeout,
+            backend, init_method=None if store is not None else init_method, store=store,
+            rank=world.rank, world_size=world.world_size, timeout=ctx.timeout,
         )
     elif (dist.get_rank(), dist.get_world_size()) != (world.rank, world.world_size):
         raise LaunchEnvironmentError(
@@ -253,6 +273,22 @@ def _join_process_group(ctx: Context, backend: str, env: Mapping[str, str]) -> C
     ctx = attrs.evolve(ctx, dist_backend=dist.get_backend(), owns_process_group=owns)
     verify_connected(ctx)
     return ctx
+
+
+def _elastic_attempt_store(ctx: Context, env: Mapping[str, str]) -> Any:
+    """torchrun's agent store, with keys under this restart's prefix; None on a first run.
+
+    The agent keeps one store across `--max-restarts` restarts: a restarted gloo group
+    would read the previous attempt's addresses and fail ("connectFullMesh ... Connection
+    refused") or hang, as about half of the measured restarts did.
+    """
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    world = ctx.world
+    store = dist.TCPStore(world.master_addr, world.master_port, is_master=False,
+                          timeout=ctx.timeout)
+    return dist.PrefixStore(f"accel/attempt{attempt}", store)
 
 
 def verify_connected(ctx: Context) -> None:
@@ -273,8 +309,20 @@ def verify_connected(ctx: Context) -> None:
 
 
 def shutdown(ctx: Context) -> None:
-    """Destroy the process group if (and only if) `init` created it."""
+    """Destroy the process group if (and only if) `init` created it, once every rank is here.
+
+    The group object itself is released at interpreter exit, not here. A DDP model freed
+    after `shutdown` would otherwise drop the group's last reference inside torch's
+    Reducer, whose destructor joins gloo's worker threads while holding the GIL, and a
+    worker still releasing a finished collective waits for the GIL: the process hangs at
+    exit (seen in about 1 of 10 restarted runs under load). Released from Python at exit,
+    the group's destructor runs without the GIL.
+    """
     if ctx.owns_process_group and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        keep_until_exit = [dist.group.WORLD]
+        atexit.register(keep_until_exit.clear)
         dist.destroy_process_group()
 
 

@@ -53,3 +53,15 @@ class WorldTimeoutError(AccelError, TimeoutError):
 
 class RankFailedError(AccelError):
     """A rank of a multi-process run raised; the message carries its traceback."""
+
+
+class BatchSizeExhaustedError(AccelError):
+    """find_executable_batch_size ran out of memory even at batch size 1."""
+
+
+class CorruptCheckpointError(AccelError):
+    """A checkpoint file is missing, truncated or does not match its recorded checksum."""
+
+
+class CheckpointNotFoundError(AccelError, FileNotFoundError):
+    """There is no complete checkpoint where one was asked for."""

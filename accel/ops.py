@@ -30,7 +30,7 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
                "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 # Device types each torch.distributed backend can communicate; backends not listed
 # (fake, xla, mpi, ucc, custom) take tensors where they are.
-_BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",)}
+_BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",), "xla": ("xla",)}
 
 
 # --------------------------------------------------------------------------- structure

@@ -28,7 +28,11 @@ def wait_for_everyone(ctx: Context) -> None:
 
     >>> accel.wait_for_everyone(ctx)
     """
-    if ctx.is_distributed:
+    if ctx.is_distributed and ctx.dist_backend == "xla":
+        from accel.backends.xla import rendezvous
+
+        rendezvous("accel.wait_for_everyone")  # torch_xla's dist.barrier does nothing
+    elif ctx.is_distributed:
         dist.barrier(group=ctx.group)
 
 

@@ -136,13 +136,55 @@ class DeepSpeed:
     config: Any = attrs.field(default=None, hash=False)
 
 
+def _to_optional_tuple(value: Any) -> tuple[Any, ...] | None:
+    return None if value is None else tuple(value)
+
+
+@attrs.frozen
+class XLA:
+    """torch_xla: the model on an XLA device (TPU, or PJRT's CPU device in tests).
+
+    Without a mesh, each process holds a replica (one per TPU core under `accel launch
+    --xla`) and the optimizer step averages gradients across replicas, as
+    `xm.optimizer_step`. With `mesh_shape` or `fsdp`, SPMD: one process drives every
+    device of the host through a device mesh; batches from `distribute_loader` are
+    sharded along their first (batch) dimension over all mesh axes.
+
+    Args:
+        mesh_shape: devices per mesh axis (their product is the device count); default
+            with SPMD: all devices on one axis.
+        axis_names: one name per mesh axis; default ("fsdp",) for one axis, else
+            ("data", "fsdp", ...).
+        fsdp: FSDP-style parameter sharding: dim 0 of every parameter is split over the
+            mesh axis `fsdp_axis` (parameters whose dim 0 does not divide stay replicated).
+        fsdp_axis: the name of the mesh axis parameters are sharded over.
+
+    >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.XLA(fsdp=True))
+    """
+
+    backend: ClassVar[str] = "xla"
+    mesh_shape: tuple[int, ...] | None = attrs.field(default=None,
+                                                     converter=_to_optional_tuple)
+    axis_names: tuple[str, ...] | None = attrs.field(default=None,
+                                                     converter=_to_optional_tuple)
+    fsdp: bool = False
+    fsdp_axis: str = "fsdp"
+
+    @property
+    def spmd(self) -> bool:
+        """Whether one process drives all devices through a mesh (SPMD)."""
+        return self.fsdp or self.mesh_shape is not None
+
+
 _BY_NAME: dict[str, Callable[[], Any]] = {"single": Single, "ddp": DDP, "fsdp": FSDP,
-                                          "deepspeed": DeepSpeed}
+                                          "deepspeed": DeepSpeed, "xla": XLA}
 
 
 def resolve_strategy(strategy: str | Any | None, ctx: Context) -> Any:
     """A strategy config from a name, a config object, or None (DDP when distributed)."""
     if strategy is None:
+        if ctx.device.type == "xla":  # replicas on XLA devices: torch_xla, not DDP
+            return XLA()
         return DDP() if ctx.is_distributed else Single()
     if isinstance(strategy, str):
         try:
@@ -165,8 +207,9 @@ def shard_model(
     """Place the model and apply the parallelism strategy (DDP, ...); record it in the Context.
 
     Args:
-        strategy: "single", "ddp", a config object (accel.DDP(...)), or None for DDP when
-            the world has several processes and a plain placement otherwise.
+        strategy: "single", "ddp", a config object (accel.DDP(...)), or None for XLA()
+            on an XLA device, DDP when the world has several processes and a plain
+            placement otherwise.
 
     Parameter names of the user's module do not change; `unwrap_model` returns it.
 

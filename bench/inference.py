@@ -219,7 +219,7 @@ def rounds(impls: tuple[str, ...], args: argparse.Namespace, scenarios: tuple[st
         for impl, scenario in runs[shift:] + runs[:shift]:  # rotating order, round by round
             load_average = os.getloadavg()[0]
             result = run_worker(impl, args, scenario)
-            result["loadavg"] = load_average
+            result["loadavg"], result["round"] = load_average, index
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
     return results
@@ -243,8 +243,10 @@ def summarize(results: list[dict], impls: tuple[str, ...], title: str) -> str:
     for (impl, scenario), row in medians.items():
         if impl != baseline and (baseline, scenario) in medians:
             base = medians[baseline, scenario]
+            per_round = sorted(_round_ratios(results, impl, baseline, scenario))
             lines.append(f"  {scenario}: {impl} tokens/s = {row['tok_s'] / base['tok_s']:.2f} x "
-                         f"{baseline}; CPU per token = "
+                         f"{baseline} (per round: {', '.join(f'{r:.2f}' for r in per_round)})"
+                         f"; CPU per token = "
                          f"{row['cpu_ms_per_token'] / base['cpu_ms_per_token']:.2f} x")
     same = len({tuple(r["tokens"]) for r in results}) == 1
     lines.append(f"  same generated tokens everywhere: {'yes' if same else 'NO'}; "
@@ -252,6 +254,15 @@ def summarize(results: list[dict], impls: tuple[str, ...], title: str) -> str:
                  f"{max(r['loadavg'] for r in results):.1f} on {os.cpu_count()} CPUs "
                  f"(medians of {len(results) // max(1, len(medians))} rounds)")
     return "\n".join(lines)
+
+
+def _round_ratios(results: list[dict], impl: str, baseline: str, scenario: str
+                  ) -> list[float]:
+    """tokens/s of `impl` over `baseline` within each round (similar machine load)."""
+    by_round: dict[tuple[int, str], float] = {
+        (r["round"], r["impl"]): r["tok_s"] for r in results if r["scenario"] == scenario}
+    return [by_round[i, impl] / by_round[i, baseline] for i, name in by_round
+            if name == impl and (i, baseline) in by_round]
 
 
 def main() -> None:
@@ -265,14 +276,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round, 4 tokens")
     parser.add_argument("--skip-in-memory", action="store_true",
                         help="only the checkpoint scenario")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)}")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.workdir, args.new_tokens, args.scenario)))
         return
     if args.quick:
         args.rounds, args.new_tokens = 1, 4
+    scenarios = tuple(args.scenarios.split(","))
+    if unknown := set(scenarios) - set(SCENARIOS):
+        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
     prepare(args.workdir)
-    tables = [summarize(rounds(CHECKPOINT_IMPLS, args, SCENARIOS), CHECKPOINT_IMPLS,
+    tables = [summarize(rounds(CHECKPOINT_IMPLS, args, scenarios), CHECKPOINT_IMPLS,
                         "checkpoint -> RAM (embeddings, head) + disk (12 blocks)")]
     if not args.skip_in_memory:
         tables.append(summarize(rounds(IN_MEMORY_IMPLS, args, ("warm",)), IN_MEMORY_IMPLS,

@@ -8,6 +8,14 @@ import threading
 import pytest
 import torch.distributed as dist
 
+from accel.cli.settings import CONFIG_FILE_VARIABLE, SETTINGS
+
+# Tests run with accel's defaults, not the developer's: no ACCEL_* settings from the
+# shell, and an empty config file instead of ~/.cache/accel/config.toml.
+for _setting in SETTINGS:
+    os.environ.pop(_setting.env_var, None)
+os.environ[CONFIG_FILE_VARIABLE] = os.devnull
+
 # pytest names the running test; torch sets its compiler cache folder once, on first use.
 _SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
 

@@ -142,10 +142,13 @@ def test_env_command_prints_versions_and_launcher():
 @pytest.mark.spawned
 def test_launch_connects_the_ranks_and_passes_script_arguments(tmp_path):
     script = write(tmp_path / "connected.py", CONNECTED_SCRIPT)
-    done = accel_cli("launch", "-n", "2", str(script), "--lr", "0.5", "data dir")
+    # --log is a prefix of several torchrun flags and --max-r of one: both reach the script.
+    done = accel_cli("launch", "-n", "2", str(script), "--lr", "0.5", "data dir", "--log",
+                     "--max-r", "3")
     assert done.returncode == 0, done.stderr
     for rank in (0, 1):
-        assert f"rank {rank} of 2: sum 3 args ['--lr', '0.5', 'data dir']" in done.stdout
+        assert (f"rank {rank} of 2: sum 3 args ['--lr', '0.5', 'data dir', '--log', "
+                "'--max-r', '3']") in done.stdout
 
 
 @pytest.mark.spawned

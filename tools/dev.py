@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 # Extras of pyproject.toml installed into the dev venv.
-EXTRAS = ["dev", "fp8", "deepspeed"]
+EXTRAS = ["dev", "fp8", "deepspeed", "tracking"]
 # Pinned and installed first: an unpinned torch resolves to a CUDA build of several GB.
 TORCH_PIN = "torch==2.13.0"
 

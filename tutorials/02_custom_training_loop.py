@@ -10,6 +10,9 @@ ZeRO), with which
 loss scaling (wrap_optimizer), how often the optimizer really steps (accumulate_grads),
 how the schedule counts (wrap_scheduler) and which batches each process reads
 (distribute_loader). Change a flag, not the loop.
+
+`progress` draws one progress bar (on the main process), and `init_trackers` logs
+the metrics once, to runs/RUN_NAME/metrics.jsonl; chart them with `accel plot RUN_DIR`.
 """
 
 import argparse
@@ -35,6 +38,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16", "fp8"])
     parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--project-dir", default="runs", help="where the metrics go")
     return parser.parse_args()
 
 
@@ -59,16 +63,21 @@ def main() -> None:
                                                     total_steps=total_steps)
     scheduler, ctx = accel.wrap_scheduler(scheduler, ctx, optimizer)
     accel.print(ctx, ctx=ctx)
+    # Every rank calls it; only the main process writes (the others' trackers do nothing).
+    trackers = accel.init_trackers(ctx, ["jsonl"], args.project_dir, config=vars(args))
 
+    step = 0
     for epoch in range(args.epochs):
         model.train()
-        for x, y in train:
+        for x, y in accel.progress(train, ctx, desc=f"epoch {epoch + 1}", leave=False):
             loss = nn.functional.cross_entropy(model(x), y)
             accel.backward(loss, optimizer, ctx)
             accel.clip_grad_norm(model, ctx, 1.0, optimizer=optimizer)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            step += 1
+            trackers.log({"train/loss": loss.detach(), "lr": scheduler.get_last_lr()[0]}, step)
 
         model.eval()
         correct = seen = 0
@@ -81,6 +90,10 @@ def main() -> None:
                 seen += len(y)
         accel.print(f"epoch {epoch + 1}  loss {loss.item():.4f}  accuracy {correct / seen:.3f} "
                     f"({seen} samples)  lr {scheduler.get_last_lr()[0]:.2e}", ctx=ctx)
+        trackers.log({"eval/accuracy": correct / seen}, step)
+    trackers.finish()
+    accel.print(f"metrics in {trackers.run_dir}; chart them: accel plot {trackers.run_dir}",
+                ctx=ctx)
     accel.shutdown(ctx)
 
 

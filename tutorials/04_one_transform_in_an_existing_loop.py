@@ -52,8 +52,11 @@ def main() -> None:
     if ctx.is_main_process:
         print(f"evaluated {seen} samples (the dataset has {len(dataset)}): "
               f"accuracy {correct / seen:.3f}")
-    dist.destroy_process_group()  # the framework's job, as before
 
 
 if __name__ == "__main__":
     main()
+    # The framework's job, as before, once the DDP model is gone: a DDP model freed after
+    # the group is destroyed can hang its process at exit on gloo (torch's Reducer drops
+    # the group's last reference while holding the GIL).
+    dist.destroy_process_group()

@@ -29,6 +29,7 @@ BACKEND_MODULES = {
     "ddp": "accel.backends.ddp",
     "fsdp": "accel.backends.fsdp",
     "deepspeed": "accel.backends.deepspeed",
+    "xla": "accel.backends.xla",
 }
 
 

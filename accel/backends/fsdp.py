@@ -40,6 +40,8 @@ supports_local_sgd = False
 # torch's state-dict functions gather or keep the DTensor shards (full=True / False).
 get_state_dict = state.get_state_dict
 set_state_dict = state.set_state_dict
+# save_state writes each rank's shards (torch.distributed.checkpoint), never a full copy.
+checkpoint_sharded = True
 
 #: parameter dtype FSDP2 gathers for the forward, per ctx.precision (fp8: torchao's
 #: Float8Linear casts for itself, autocast lowers the rest, so shards stay fp32).

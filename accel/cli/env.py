@@ -1,4 +1,5 @@
-"""`accel env`: the facts a bug report needs — versions, hardware, launch environment."""
+"""`accel env`: the facts a bug report needs — versions, hardware, launch environment, and
+the effective run settings with where each came from."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 
 import attrs
 
-from accel.errors import LaunchEnvironmentError
+from accel.cli import settings
+from accel.errors import AccelError, LaunchEnvironmentError
 from accel.world import detect_world
 
 # Distributions whose versions matter in a report; optional ones may be missing.
@@ -22,8 +24,10 @@ PACKAGES = ("torch", "deepspeed", "torch_xla", "torchao", "numpy", "attrs",
 NOT_INSTALLED = "not installed"
 
 
-def collect_environment(env: Mapping[str, str]) -> dict[str, Any]:
-    """Versions, platform, CPU, memory, GPUs and the launch world read from `env`.
+def collect_environment(env: Mapping[str, str], config_path: str | None = None
+                        ) -> dict[str, Any]:
+    """Versions, platform, CPU, memory, GPUs, the launch world read from `env`, and the
+    effective run settings with their sources (`config_path`: the --config flag).
 
     Package versions come from installed metadata, so optional packages such as
     deepspeed are never imported.
@@ -45,6 +49,7 @@ def collect_environment(env: Mapping[str, str]) -> dict[str, Any]:
         "memory_gib": memory_gib(),
         "accelerators": accelerators(),
         "launch": launch_world(env),
+        "settings": effective_settings(env, config_path),
     }
 
 
@@ -115,6 +120,29 @@ def launch_world(env: Mapping[str, str]) -> dict[str, Any]:
         return {"error": str(exc)}
 
 
+def effective_settings(env: Mapping[str, str], config_path: str | None) -> dict[str, Any]:
+    """Each setting's value and source (flag > environment > config file > default), or
+    the error that resolving them raised (a report must not crash)."""
+    try:
+        resolved = settings.resolve_settings({}, env, config_path)
+    except AccelError as exc:
+        return {"error": str(exc)}
+    return {"config_file": resolved.config_file,
+            "values": {name: {"value": value, "source": source}
+                       for name, value, source in resolved.rows()}}
+
+
+def _settings_lines(report: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    found = report["settings"]
+    if "error" in found:
+        return [("settings", f"error: {found['error']}")]
+    lines = [("config file", found["config_file"] or "none")]
+    for name, entry in found["values"].items():
+        value = "-" if entry["value"] is None else entry["value"]
+        lines.append((f"  {name}", f"{value} ({entry['source']})"))
+    return lines
+
+
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as aligned `name: value` lines, ready to paste into an issue."""
     acc = report["accelerators"]
@@ -131,6 +159,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         ("cuda gpus", gpus or "none"),
         ("mps", "available" if acc["mps"] else "not available"),
         ("launch", ", ".join(f"{key}={value}" for key, value in report["launch"].items())),
+        *_settings_lines(report),
     ]
     width = max(len(name) for name, _ in lines)
     return "\n".join(f"{name + ':':<{width + 1}} {value}" for name, value in lines)
@@ -143,11 +172,13 @@ def add_parser(subparsers: Any) -> None:
         description="Print what a bug report needs: versions, hardware, launch environment.",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--config", metavar="FILE", help="config file whose settings to "
+                        "show (default: $ACCEL_CONFIG_FILE, else ~/.cache/accel/config.toml)")
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
     """`accel env [--json]`."""
-    report = collect_environment(os.environ)
+    report = collect_environment(os.environ, args.config)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

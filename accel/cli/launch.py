@@ -1,8 +1,9 @@
 """`accel launch`: start the processes of a run through torch's elastic launcher (torchrun).
 
-accel does not manage processes itself: it resolves its options (command line > config
-file > defaults), turns them into `torch.distributed.run` arguments, and runs the user's
-script through `accel.cli._worker`, which fails a rank that never joined the others.
+accel does not manage processes itself: it resolves its options (command line > ACCEL_*
+variable > config file > defaults, see accel.cli.settings), turns them into
+`torch.distributed.run` arguments, and runs the user's script through `accel.cli._worker`,
+which fails a rank that never joined the others.
 """
 
 from __future__ import annotations
@@ -13,17 +14,12 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
-from types import MappingProxyType
 from typing import Any
 
 import attrs
 
+from accel.cli import settings
 from accel.errors import LaunchEnvironmentError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 WORKER_MODULE = "accel.cli._worker"
 
@@ -45,86 +41,30 @@ class LaunchOptions:
     allow_unconnected: bool = False
 
 
-# The type each option must have, whichever layer (flag, config file, ...) sets it.
-_OPTION_TYPES: Mapping[str, type] = MappingProxyType({
-    "num_processes": int, "num_nodes": int, "node_rank": int, "master_addr": str,
-    "master_port": int, "rdzv_backend": str, "rdzv_endpoint": str, "rdzv_id": str,
-    "max_restarts": int, "allow_unconnected": bool,
-})
-_AT_LEAST_ONE = ("num_processes", "num_nodes", "master_port")
-_AT_LEAST_ZERO = ("node_rank", "max_restarts")
+# The launch options among all settings (accel.cli.settings); the rest go to the script.
+_OPTION_NAMES = tuple(field.name for field in attrs.fields(LaunchOptions))
 
-
-def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The launch options a TOML file sets, e.g. `num_processes = 2`; checked later.
-
-    Raises:
-        LaunchEnvironmentError: the file is missing or not valid TOML.
-    """
-    try:
-        with open(path, "rb") as file:
-            return tomllib.load(file)
-    except FileNotFoundError:
-        raise LaunchEnvironmentError(
-            f"config file {os.fspath(path)!r} does not exist; pass an existing TOML file "
-            "to --config"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise LaunchEnvironmentError(
-            f"config file {os.fspath(path)!r} is not valid TOML ({exc}); fix its syntax"
-        ) from None
+# `launch.load_config` reads a TOML config file (kept here for existing callers).
+load_config = settings.load_config
 
 
 def resolve_options(*layers: tuple[str, Mapping[str, Any]]) -> LaunchOptions:
-    """Merge option layers, highest precedence first; a None value means "not set here".
+    """Merge option layers, highest precedence first; a None value means "not set".
 
     Each layer is `(where it came from, {option: value})`, e.g.
-    `("the command line", flags), ("config file run.toml", config)`; an environment
-    layer slots in between the two. Names and types are checked per layer, so an error
-    says which one to fix.
+    `("the command line", flags), ("config file run.toml", config)`. Names and types are
+    checked per layer, so an error says which one to fix. `run_command` resolves all
+    settings (flag > environment > config file > default) with `settings.resolve_settings`.
 
     >>> resolve_options(("flags", {"num_processes": 4}), ("file", {"num_processes": 2}))
     LaunchOptions(num_processes=4, ...)
     """
-    merged: dict[str, Any] = {}
-    for source, values in reversed(layers):
-        for name, value in values.items():
-            if value is not None:
-                merged[name] = _checked(name, value, source)
-    options = LaunchOptions(**merged)
-    _check_consistent(options)
-    return options
+    return launch_options(settings.merge_layers(*layers))
 
 
-def _checked(name: str, value: Any, source: str) -> Any:
-    if name not in _OPTION_TYPES:
-        raise LaunchEnvironmentError(
-            f"{source} sets the unknown option {name!r}; known options: "
-            f"{', '.join(sorted(_OPTION_TYPES))}"
-        )
-    kind = _OPTION_TYPES[name]
-    # bool is an int in Python: `num_processes = true` must not pass as 1.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise LaunchEnvironmentError(
-            f"{source} sets {name} to {value!r}, but it must be of type {kind.__name__}"
-        )
-    minimum = 1 if name in _AT_LEAST_ONE else 0 if name in _AT_LEAST_ZERO else None
-    if minimum is not None and value < minimum:
-        raise LaunchEnvironmentError(f"{source} sets {name} to {value}; it must be >= {minimum}")
-    return value
-
-
-def _check_consistent(options: LaunchOptions) -> None:
-    if options.node_rank >= options.num_nodes:
-        raise LaunchEnvironmentError(
-            f"node_rank {options.node_rank} is outside the {options.num_nodes} node(s); "
-            "node ranks go from 0 to num_nodes - 1"
-        )
-    if options.num_nodes > 1 and not (options.master_addr or options.rdzv_endpoint):
-        raise LaunchEnvironmentError(
-            f"a run over {options.num_nodes} nodes needs a meeting point: pass --master-addr "
-            "(the address of node 0, same on every node) or --rdzv-endpoint HOST:PORT"
-        )
+def launch_options(resolved: settings.Resolved) -> LaunchOptions:
+    """The LaunchOptions part of resolved settings."""
+    return LaunchOptions(**{name: resolved[name] for name in _OPTION_NAMES})
 
 
 def default_num_processes() -> int:
@@ -154,10 +94,15 @@ def torchrun_arguments(
     return [*argv, "--module", WORKER_MODULE, *(["-m"] if module else []), target, *args]
 
 
-def launch(options: LaunchOptions, target: str, args: list[str], *, module: bool = False) -> int:
+def launch(
+    options: LaunchOptions, target: str, args: list[str], *, module: bool = False,
+    training_env: Mapping[str, str] | None = None,
+) -> int:
     """Run `target` (a script path, or a module when `module`) on every process; exit code.
 
-    The first failed rank's exit code is returned, so a failing script fails the launch.
+    `training_env` (`ACCEL_*` variables from `settings.training_environment`) is set in
+    every process. The first failed rank's exit code is returned, so a failing script
+    fails the launch.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -165,11 +110,17 @@ def launch(options: LaunchOptions, target: str, args: list[str], *, module: bool
 
     if options.num_processes is None:
         options = attrs.evolve(options, num_processes=default_num_processes())
-    torchrun_argv = torchrun_arguments(options, target, args, module=module)
+    # The script's arguments bypass torchrun's parser: it would take a prefix of one of its
+    # own flags (`--log` is ambiguous there, `--max-r` would become --max-restarts).
+    torchrun_argv = torchrun_arguments(options, target, [], module=module)
     with tempfile.TemporaryDirectory(prefix="accel-launch-") as launch_dir:
         try:
-            with _environment(_worker_environment(launch_dir, options.num_processes)):
-                run(parse_args(torchrun_argv))
+            worker_env = {**(training_env or {}),
+                          **_worker_environment(launch_dir, options.num_processes)}
+            with _environment(worker_env):
+                parsed = parse_args(torchrun_argv)
+                parsed.training_script_args = [*parsed.training_script_args, *args]
+                run(parsed)
         except ChildFailedError as failed:
             return _report_failures(failed)
         except SignalException as stopped:  # Ctrl-C, or a scheduler's SIGTERM
@@ -220,7 +171,9 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "launch", help="run a script on N processes (and M nodes) via torch.distributed.run",
         description="Run a training script on several processes, connected by "
-        "torch.distributed. Precedence: flag > --config file > default.",
+        "torch.distributed. Precedence: flag > ACCEL_<NAME> variable > config file "
+        "(--config, else $ACCEL_CONFIG_FILE, else ~/.cache/accel/config.toml) > default; "
+        "see docs/configuration.md.",
     )
     parser.add_argument("-n", "--num-processes", type=int, help="processes per node "
                         "(default: one per GPU when CUDA is available, else 1)")
@@ -236,14 +189,35 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--max-restarts", type=int, help="restarts of the worker group on "
                         "failure (default 0)")
     parser.add_argument("--config", metavar="FILE", help="TOML file of these options, e.g. "
-                        "num_processes = 2")
+                        "num_processes = 2 (write one with `accel config`)")
+    add_training_flags(parser)
     parser.add_argument("--allow-unconnected", action="store_true", default=None,
                         help="do not fail ranks that never join the others")
+    parser.add_argument("--xla", action="store_true", help="TPU VM (PJRT): run on this host "
+                        "once, torch_xla spawns one worker per device (see accel.backends.xla)")
     parser.add_argument("-m", "--module", action="store_true",
                         help="TARGET is a module name, run as with python -m")
     parser.add_argument("target", metavar="TARGET", help="script path (or module with -m)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for TARGET")
     parser.set_defaults(handler=run_command)
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags for the settings passed to the script (read there by `training_settings()`)."""
+    parser.add_argument("--strategy", choices=settings.STRATEGIES,
+                        help="engine for shard_model (default: ddp on 2+ processes)")
+    parser.add_argument("--mixed-precision", choices=settings.PRECISIONS,
+                        help="precision for with_amp (default no)")
+    parser.add_argument("--grad-accum-steps", type=int,
+                        help="micro-batches per optimizer update (default 1)")
+    parser.add_argument("--device", help="device override for accel.init")
+    parser.add_argument("--debug", action="store_true", default=None,
+                        help="check shapes across ranks before collectives")
+
+
+def command_line_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (None where a flag was not given)."""
+    return {name: getattr(args, name) for name in settings.BY_NAME if hasattr(args, name)}
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -253,11 +227,10 @@ def run_command(args: argparse.Namespace) -> int:
             f"the script {args.target!r} does not exist; pass a script path, or -m and a "
             "module name"
         )
-    flags = {name: getattr(args, name) for name in _OPTION_TYPES}
-    layers: list[tuple[str, Mapping[str, Any]]] = [("the command line", flags)]
-    if args.config:
-        layers.append((f"config file {args.config!r}", load_config(args.config)))
-    options = resolve_options(*layers)
-    return launch(options, args.target, args.args, module=args.module)
+    if args.xla:
+        from accel.backends.xla import launch_per_device
 
-
+        return launch_per_device(args.target, args.args, module=args.module)
+    resolved = settings.resolve_settings(command_line_settings(args), os.environ, args.config)
+    return launch(launch_options(resolved), args.target, args.args, module=args.module,
+                  training_env=settings.training_environment(resolved))

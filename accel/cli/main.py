@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from accel.cli import env, estimate, launch
+from accel.cli import config, env, estimate, launch, merge, plot
 from accel.errors import AccelError
 
 # Each module registers its subcommand with `add_parser(subparsers)`; add new ones here.
-_COMMANDS = (launch, env, estimate)
+_COMMANDS = (launch, config, env, estimate, merge, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,7 +94,8 @@ def distribute_loader(
         non_blocking=loader.pin_memory if non_blocking is None else non_blocking,
         batch_size=_per_rank_batch_size(loader, ctx, split_batches),
         dispatch_batches=dispatch_batches, dataset=loader.dataset,
-        guard_uneven=ctx.backend != "single", **options)
+        guard_uneven=ctx.backend != "single", feed=_device_feed(ctx, device_placement,
+                                                                dispatch_batches), **options)
     setattr(loader, _MARK, True)
     non_defaults = [f"{name}={value}" for name, value, default in (
         ("split_batches", split_batches, False), ("even_batches", even_batches, True),
@@ -113,6 +114,15 @@ def _plan(loader: DataLoader, ctx: Context, dispatch_batches: bool, device_place
     if isinstance(loader.dataset, IterableDataset):
         return IterableShardPlan(loader, ctx.world_size, ctx.rank, **options)
     return MapShardPlan(loader, ctx.world_size, ctx.rank, **options)
+
+
+def _device_feed(ctx: Context, device_placement: bool, dispatch_batches: bool) -> Any:
+    """On an XLA device, torch_xla's parallel loader uploads the batches (see backends.xla)."""
+    if ctx.device.type != "xla" or not device_placement or dispatch_batches:
+        return None
+    from accel.backends.xla import device_feed
+
+    return device_feed(ctx)
 
 
 def _per_rank_batch_size(loader: DataLoader, ctx: Context, split_batches: bool) -> int | None:

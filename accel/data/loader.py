@@ -36,7 +36,7 @@ class DistributedLoader:
     def __init__(self, plan: Any, *, rank: int, world_size: int, device: torch.device | None,
                  non_blocking: bool, seed: int, batch_size: int | None, split_batches: bool,
                  even_batches: bool, dispatch_batches: bool, dataset: Any,
-                 guard_uneven: bool = False):
+                 guard_uneven: bool = False, feed: Any = None):
         self._plan = plan
         self.rank = rank
         self.world_size = world_size
@@ -62,6 +62,9 @@ class DistributedLoader:
         self._batch_padding = 0
         self._remainder: int | None = None
         self._generation = 0      # which iteration may still update the state
+        #: moves the stream of (batch, padding) pairs to `device` itself (XLA's parallel
+        #: loader); None: each batch is sent with `send_to_device`.
+        self._feed = feed
 
     # ------------------------------------------------------------------ facts
 
@@ -141,6 +144,8 @@ class DistributedLoader:
 
     def _run(self, generation: int, epoch: int, skip: int) -> Iterator[Any]:
         stream = self._plan.iterate(epoch, skip)
+        if self._feed is not None:
+            stream = self._feed(stream)
         upcoming = self._fetch(stream)
         while upcoming is not _END:
             batch, padding = upcoming
@@ -162,7 +167,7 @@ class DistributedLoader:
 
     def _fetch(self, stream: Iterator[tuple[Any, int | None]]) -> Any:
         pair = next(stream, _END)
-        if pair is _END or self.device is None:
+        if pair is _END or self.device is None or self._feed is not None:
             return pair
         from accel.ops import send_to_device
 

@@ -1,0 +1,169 @@
+"""What save and load share: the metadata file, agreement between ranks, split-up checksums.
+
+Layout of a checkpoint directory (format version 1)::
+
+    accel.json              metadata: format, versions, world size, backend, step,
+                            what was saved (with saved.tied: {alias: kept name} of tied
+                            weights, stored once under the kept name), and every file's
+                            size and CRC32 (computed while writing)
+    model.json              the model state's structure (tensors referenced by key)
+    model.safetensors       full layout: the whole model state, keys = parameter names
+    model/                  sharded layout: torch.distributed.checkpoint directory with
+                            safetensors shards (dcp.HuggingFaceStorageReader reads it,
+                            on any number of processes; see parts.load_sharded_tensors)
+    optimizer.json + optimizer.safetensors | optimizer/     the same, for the optimizer
+    state.json + state.safetensors   rank 0's step, scheduler, extras, and the wrapped
+                            optimizer's loss scale, accumulation micro-step, real steps
+    ranks/rank{r}.json + .safetensors   each rank's RNG states and loader position
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from accel import ops
+from accel.checkpoint.files import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    Record,
+    all_files,
+    check_sizes,
+    describe,
+    verify,
+)
+from accel.context import Context
+from accel.errors import (
+    AccelError,
+    IncompatibleOptionsError,
+    InvalidArgumentError,
+    UnsupportedError,
+)
+
+FORMAT = "accel-checkpoint"
+FORMAT_VERSION = 1
+#: keyword arguments of save_state/load_state that are not extra objects.
+RESERVED = frozenset({"step", "verify"})
+
+
+@attrs.frozen
+class CheckpointInfo:
+    """What `load_state` loaded: where from, at which step, saved by which world."""
+
+    path: Path
+    step: int | None
+    world_size: int
+    backend: str
+    metadata: dict[str, Any] = attrs.field(eq=False, repr=False)
+
+
+def check_extras(extra: dict[str, Any], verb: str) -> None:
+    for name, value in extra.items():
+        if not (callable(getattr(value, "state_dict", None))
+                and callable(getattr(value, "load_state_dict", None))):
+            raise InvalidArgumentError(
+                f"{verb} got {name}={type(value).__name__}, which has no state_dict() and "
+                "load_state_dict(); extra keyword arguments are objects to checkpoint (a "
+                "sampler, an EMA, a metric), named by the keyword")
+
+
+def agree(ctx: Context, error: BaseException | None, what: str) -> None:
+    """A barrier that fails on every rank if any rank failed (instead of hanging the rest).
+
+    Raises:
+        AccelError: the first failed rank's error; the same type on that rank itself.
+    """
+    if not ctx.is_distributed:
+        if error is not None:
+            raise error
+        return
+    reports = ops.gather_object({"error": None if error is None else _describe(error)}, ctx)
+    failed = [(rank, report["error"]) for rank, report in enumerate(reports) if report["error"]]
+    if error is not None:
+        raise error
+    if failed:
+        rank, message = failed[0]
+        raise _error_type(message)(f"rank {rank} failed while {what}: {message}")
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _error_type(message: str) -> type[AccelError]:
+    """The accel error type named at the start of a report from another rank."""
+    known = (CorruptCheckpointError, CheckpointNotFoundError, InvalidArgumentError,
+             IncompatibleOptionsError, UnsupportedError)
+    name = message.split(":", 1)[0]
+    return next((kind for kind in known if kind.__name__ == name), AccelError)
+
+
+def on_main(ctx: Context, fn: Callable[[], Any], what: str) -> Any:
+    """Run `fn` on rank 0 only; every rank returns its result or raises its error."""
+    result, error = None, None
+    if ctx.is_main_process:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = exc
+    outcome = ops.broadcast_object(
+        {"result": result, "error": None if error is None else _describe(error)}, ctx)
+    if error is not None:
+        raise error
+    if outcome["error"] is not None:
+        raise _error_type(outcome["error"])(f"rank 0 failed while {what}: {outcome['error']}")
+    return outcome["result"]
+
+
+def file_records(root: Path, written: dict[str, Record], ctx: Context) -> dict[str, Record]:
+    """Size and checksum of every file under `root`, for accel.json.
+
+    `written`: what this rank wrote and checksummed while writing. The files torch
+    wrote (the sharded parts) are read back once, the work split over the ranks (a
+    shared filesystem); they are still in the page cache.
+    """
+    records: dict[str, Record] = {}
+    for part in ops.gather_object({"records": written}, ctx):
+        records.update(part["records"])
+    rest = [name for name in all_files(root) if name not in records]
+    mine = describe(root, rest[ctx.rank::ctx.world_size])
+    for part in ops.gather_object({"records": mine}, ctx):
+        records.update(part["records"])
+    return records
+
+
+def check_files(root: Path, records: dict[str, Record], piecewise: list[str],
+                ctx: Context) -> None:
+    """Before anything is read: every file is there with its size, and the files read
+    piecewise (`piecewise`, split over the ranks) match their checksums too; the
+    others are checked as they are read. All ranks raise if one file is bad.
+    """
+    error = None
+    try:
+        if ctx.is_main_process:
+            check_sizes(root, records)
+        verify(root, records, piecewise[ctx.rank::ctx.world_size])
+    except CorruptCheckpointError as exc:
+        error = exc
+    agree(ctx, error, "verifying the checkpoint")
+
+
+def versions() -> dict[str, str]:
+    import accel
+
+    return {"accel": getattr(accel, "__version__", "unknown"), "torch": torch.__version__}
+
+
+def check_metadata(metadata: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise CorruptCheckpointError(
+            f"{path / 'accel.json'} is not an accel checkpoint's metadata")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise AccelError(
+            f"the checkpoint {path} has format version {metadata['format_version']}, newer "
+            f"than this accel reads ({FORMAT_VERSION}); upgrade accel")
+    return metadata

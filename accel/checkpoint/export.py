@@ -1,0 +1,218 @@
+"""save_model / load_model: a model's full weights as Hugging Face-style safetensors.
+
+`save_model` writes what `transformers`' `from_pretrained` reads: one `model.safetensors`,
+or `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`. Rank 0
+writes tensor by tensor: an FSDP2 parameter is gathered (`DTensor.full_tensor`, every rank
+takes part), copied to the CPU, written and dropped before the next one is gathered, so
+no process ever holds more than one full tensor on top of its own shards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from accel.backends import backend_for
+from accel.checkpoint.files import replace_dir, staging_dir
+from accel.checkpoint.ties import alias_groups, identity, kept_names
+from accel.checkpoint.weights import (
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    TensorSpec,
+    WeightFiles,
+    few,
+    spec_of,
+    write_safetensors_shards,
+    write_text,
+)
+from accel.context import Context
+from accel.errors import AccelError, InvalidArgumentError
+from accel.inference.memory import parse_size
+from accel.process import any_rank
+
+__all__ = ["INDEX_NAME", "WEIGHTS_NAME", "LoadResult", "load_model", "save_model"]
+
+
+class LoadResult(NamedTuple):
+    """Tensor names `load_model(strict=False)` skipped."""
+
+    missing: list[str]
+    unexpected: list[str]
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike[str], ctx: Context, *,
+               max_shard_size: int | str = "5GB") -> Path:
+    """Write the model's full weights to `directory` as (sharded) safetensors; a collective.
+
+    Unwraps DDP, FSDP2, DeepSpeed and torch.compile. Tied weights are written once, under
+    the name transformers keeps (its `_tied_weights_keys` are dropped); a transformers
+    model's config.json is written beside them. The folder appears whole or not at all:
+    rank 0 writes a temporary folder, fsyncs it and renames it; every rank returns once
+    it is in place.
+
+    Args:
+        max_shard_size: largest shard file, bytes or "5GB"/"500MiB" (a larger tensor
+            gets a file of its own); everything in one `model.safetensors` when it fits.
+
+    Returns:
+        The folder written.
+
+    >>> accel.save_model(model, "export/", ctx, max_shard_size="2GB")
+    >>> GPT2LMHeadModel.from_pretrained("export/")
+    """
+    max_bytes = parse_size(max_shard_size)
+    if max_bytes <= 0:
+        raise InvalidArgumentError(f"max_shard_size must be > 0 bytes, got {max_shard_size!r}")
+    module = unwrap_for_export(model, ctx)
+    specs, fetch = _full_state_source(model, module, ctx)
+    target = Path(directory)
+    staging, error = None, None
+    if ctx.is_main_process:
+        try:
+            staging = staging_dir(target)
+        except OSError as exc:  # rank 0 still takes part in the gathers below, then fails
+            error = exc
+    try:
+        write_safetensors_shards(specs, fetch, staging, max_shard_size=max_bytes)
+        if staging is not None:
+            _write_config(module, staging)
+            replace_dir(staging, target)
+    except (OSError, AccelError) as exc:
+        error = error or exc
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    # Instead of a bare barrier: the other ranks learn that rank 0 failed, and fail too.
+    failed = any_rank(error is not None, ctx)
+    if error is not None:
+        raise error
+    if failed:
+        raise AccelError(f"rank 0 could not write {target}: see its error")
+    return target
+
+
+def unwrap_for_export(model: nn.Module, ctx: Context) -> nn.Module:
+    """The user's module inside DDP / FSDP2 / DeepSpeed / torch.compile wrappers."""
+    module = getattr(model, "_orig_mod", model)  # torch.compile around the engine's wrapper
+    module = backend_for(ctx).unwrap_model(module)
+    module = module.module if isinstance(module, DistributedDataParallel) else module
+    return getattr(module, "_orig_mod", module)
+
+
+def _full_state_source(model: nn.Module, module: nn.Module, ctx: Context
+                       ) -> tuple[list[TensorSpec], Callable[[str], torch.Tensor | None]]:
+    """The tensors to write, and how to get each one whole (None on ranks that do not write)."""
+    live = module.state_dict(keep_vars=True)
+    kept = kept_names(module, live)
+    if ctx.backend == "deepspeed":
+        # ZeRO's master weights are flat partitions: the backend gathers them (rank 0 keeps
+        # one full copy; the others receive nothing).
+        full, _ = backend_for(ctx).get_state_dict(model, None, full=True)
+        specs = [spec_of(name, full[name]) for name in kept if name in full]
+        return specs, full.get
+    for name in kept:
+        if live[name].is_meta:
+            raise InvalidArgumentError(
+                f"{name} is on the meta device (no data): load or initialise the weights "
+                "before save_model"
+            )
+    writer = ctx.is_main_process
+    return [spec_of(name, live[name]) for name in kept], lambda name: _whole(live[name], writer)
+
+
+def _write_config(module: nn.Module, directory: Path) -> None:
+    # A transformers model's config.json, so that from_pretrained(directory) needs nothing else.
+    config = getattr(module, "config", None)
+    if hasattr(config, "to_json_string"):
+        write_text(directory / "config.json", config.to_json_string())
+
+
+def _whole(tensor: torch.Tensor, writer: bool) -> torch.Tensor | None:
+    """The full tensor on the writer's CPU; DTensors are gathered on every rank."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu() if writer else None
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
+               strict: bool = True) -> LoadResult:
+    """Load full weights into `model` (plain, DDP, FSDP2 or DeepSpeed); a collective.
+
+    Reads what `save_model` and `save_pretrained` write: a folder with
+    model.safetensors.index.json or model.safetensors, one .safetensors file, or foreign
+    .bin/.pt files (through `torch.load(weights_only=True)`). Every file is checked
+    before any weight is copied. An FSDP2 rank keeps only its own slice of each tensor.
+
+    Raises:
+        InvalidArgumentError: with strict=True, names the missing and unexpected tensors;
+            always, tensors whose shapes differ.
+        CorruptCheckpointError: a truncated or unreadable file (named).
+
+    >>> accel.load_model(model, "export/", ctx)
+    """
+    sources = WeightFiles(path)
+    module = unwrap_for_export(model, ctx)
+    targets = module.state_dict(keep_vars=True)
+    source_of, result = _match(targets, sources)
+    if strict and (result.missing or result.unexpected):
+        raise InvalidArgumentError(
+            f"{sources.path} does not fit the model: missing {few(result.missing)}, "
+            f"unexpected {few(result.unexpected)}; pass strict=False to load what matches"
+        )
+    for name, source in source_of.items():
+        sources.check_shape(source, name, tuple(targets[name].shape))
+    if ctx.backend == "deepspeed":
+        full = {name: sources.read(src) for name, src in source_of.items()} if ctx.rank == 0 else {}
+        backend_for(ctx).set_state_dict(model, None, full, None, full=True)
+        return result
+    done = set()
+    for name, source in source_of.items():
+        target = targets[name]
+        if identity(target) not in done:  # a tied tensor is copied once
+            done.add(identity(target))
+            _copy_into(target, sources.read(source))
+    return result
+
+
+def _match(targets: dict[str, torch.Tensor], sources: WeightFiles
+           ) -> tuple[dict[str, str], LoadResult]:
+    """Target name -> source name (a tied tensor may come under any of its names)."""
+    available = set(sources.names)
+    aliases = {name: group for group in alias_groups(targets) for name in group}
+    source_of, missing = {}, []
+    for name in targets:
+        found = [alias for alias in aliases.get(name, [name]) if alias in available]
+        if name in available:
+            source_of[name] = name
+        elif found:
+            source_of[name] = found[0]
+        else:
+            missing.append(name)
+    unexpected = sorted(available - set(targets))
+    return source_of, LoadResult(missing, unexpected)
+
+
+def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    with torch.no_grad():
+        if isinstance(target, DTensor):
+            # Every rank holds the file: it slices its own shard, nothing is sent.
+            local = distribute_tensor(source.to(target.device, target.dtype), target.device_mesh,
+                                      target.placements, src_data_rank=None).to_local()
+            target.to_local().copy_(local)
+        else:
+            target.copy_(source)
+

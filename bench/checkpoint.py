@@ -1,0 +1,231 @@
+"""Checkpoint save and load throughput: accel vs Hugging Face Accelerate vs the disk itself.
+
+One ~1.07 GB fp32 model (16 Linear(4096, 4096) layers with bias), one process, CPU.
+Each implementation runs in a fresh process, rounds rotate the order, and the table
+shows medians and the load average (the machine is shared). Implementations:
+
+- `disk`: the same number of bytes written with plain `write` in 64 MiB pieces, then
+  fsynced; read back with `readinto` into a preallocated buffer. The ceiling.
+- `accel-state`: `accel.save_state(dir, ctx, model=model)` / `accel.load_state(...)`
+  (atomic: temporary folder, fsync, rename; each file's CRC32 is computed on the bytes
+  as they are written, and checked on the bytes as they are loaded: one pass each way).
+- `accel-model`: `accel.save_model` / `accel.load_model` (sharded safetensors export,
+  5 GB shards: one file here).
+- `accelerate`: `Accelerator(cpu=True)`, `prepare(model)`, `save_state(dir)` /
+  `load_state(dir)` (model.safetensors plus pickled RNG states; no fsync).
+
+Measured per run: save seconds as the library returns (`save_s`), and until the files are
+durable (`durable_s`: + fsync of every file written, ~0 for those that fsync already);
+load seconds "cold" (every file of the checkpoint evicted from the page cache first with
+posix_fadvise(DONTNEED): the kernel drops clean pages of a file on request without root;
+/proc/sys/vm/drop_caches needs root) and "warm" (loaded again right away, files cached).
+Loads go into a second, already allocated model; its weights are compared with the saved
+ones. GB/s = model bytes (10^9) / seconds.
+
+    python bench/checkpoint.py             # 3 rounds, ~3-5 minutes on a busy 2-core machine
+    python bench/checkpoint.py --quick     # 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS, WIDTH = 16, 4096
+IMPLS = ("disk", "accel-state", "accel-model", "accelerate")
+COLUMNS = ("save_s", "durable_s", "load_cold_s", "load_warm_s")
+PIECE = 64 << 20
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def build_model(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)]
+    return torch.nn.Sequential(*layers)
+
+
+def model_bytes() -> int:
+    return LAYERS * (WIDTH * WIDTH + WIDTH) * 4
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+
+
+def fsync_all(path: Path, evict: bool = False) -> None:
+    """fsync every file under `path`; with `evict`, then drop its pages from the page cache."""
+    for file in files_under(path):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped: make them clean first
+            if evict:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_save(target: Path, buffer) -> None:
+    with open(target, "wb", buffering=0) as file:
+        view = memoryview(buffer)
+        for start in range(0, len(view), PIECE):
+            file.write(view[start:start + PIECE])
+        os.fsync(file.fileno())
+
+
+def disk_load(target: Path, buffer) -> None:
+    with open(target, "rb", buffering=0) as file:
+        view = memoryview(buffer)
+        for start in range(0, len(view), PIECE):
+            file.readinto(view[start:start + PIECE])
+
+
+def implementation(impl: str, workdir: Path):
+    """(save(model), load(model), checkpoint path) for one implementation."""
+    target = workdir / f"ckpt-{impl}"
+    if impl == "accel-state" or impl == "accel-model":
+        import accel
+        from accel.checkpoint import load_model, load_state, save_model, save_state
+
+        ctx = accel.init()
+        if impl == "accel-state":
+            return (lambda m: save_state(target, ctx, model=m),
+                    lambda m: load_state(target, ctx, model=m), target)
+        return (lambda m: save_model(m, target, ctx), lambda m: load_model(m, target, ctx),
+                target)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+
+    def use(model):
+        # save_state/load_state act on every model prepare() saw: keep only this one.
+        prepared = accelerator.prepare(model)
+        accelerator._models[:] = [prepared]
+
+    def save(model):
+        use(model)
+        accelerator.save_state(str(target), safe_serialization=True)
+
+    def load(model):
+        use(model)
+        accelerator.load_state(str(target))
+
+    return save, load, target
+
+
+def worker(impl: str, workdir: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    size = model_bytes()
+    if impl == "disk":
+        buffer = bytearray(os.urandom(1 << 20)) * (size >> 20) + bytearray(size % (1 << 20))
+        target = workdir / "disk.bin"
+        save, load = (lambda _: disk_save(target, buffer)), (lambda _: disk_load(target, buffer))
+        source = copy = None
+    else:
+        source, copy = build_model(0), build_model(1)
+        save, load, target = implementation(impl, workdir)
+    try:
+        start = time.perf_counter()
+        save(source)
+        saved = time.perf_counter()
+        fsync_all(target)
+        durable = time.perf_counter()
+        fsync_all(target, evict=True)
+        start_cold = time.perf_counter()
+        load(copy)
+        cold = time.perf_counter() - start_cold
+        start_warm = time.perf_counter()
+        load(copy)
+        warm = time.perf_counter() - start_warm
+        equal = source is None or all(torch.equal(a, b) for a, b in
+                                      zip(source.state_dict().values(),
+                                          copy.state_dict().values(), strict=True))
+        on_disk = sum(file.stat().st_size for file in files_under(target))
+    finally:
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(True)
+    return {"impl": impl, "bytes": size, "bytes_on_disk": on_disk, "save_s": saved - start,
+            "durable_s": durable - start, "load_cold_s": cold, "load_warm_s": warm,
+            "equal": equal}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_worker(impl: str, workdir: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, __file__, "--worker", impl, "--workdir", str(workdir)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"{impl} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def rounds(impls: tuple[str, ...], count: int, workdir: Path) -> list[dict]:
+    results = []
+    for index in range(count):
+        shift = index % len(impls)
+        for impl in impls[shift:] + impls[:shift]:  # rotating order, round by round
+            load_average = os.getloadavg()[0]
+            result = run_worker(impl, workdir)
+            result["loadavg"], result["round"] = load_average, index
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    return results
+
+
+def summarize(results: list[dict], impls: tuple[str, ...]) -> str:
+    size = results[0]["bytes"] / 1e9
+    medians = {impl: {c: statistics.median(r[c] for r in results if r["impl"] == impl)
+                      for c in COLUMNS} for impl in impls}
+    lines = [f"model: {size:.2f} GB fp32; GB/s (median seconds)",
+             f"{'implementation':<14}" + "".join(f"{c.removesuffix('_s'):>20}" for c in COLUMNS)]
+    for impl in impls:
+        lines.append(f"{impl:<14}" + "".join(
+            f"{size / medians[impl][c]:>11.2f} ({medians[impl][c]:5.2f}s)" for c in COLUMNS))
+    for impl, base in (("accel-state", "disk"), ("accel-model", "disk"),
+                       ("accel-state", "accelerate"), ("accel-model", "accelerate")):
+        if impl in medians and base in medians:
+            lines.append(f"  {impl} / {base} speed: " + ", ".join(
+                f"{c.removesuffix('_s')} {medians[base][c] / medians[impl][c]:.2f}"
+                for c in COLUMNS))
+    loads = [r["loadavg"] for r in results]
+    lines.append(f"  weights equal after every load: "
+                 f"{'yes' if all(r['equal'] for r in results) else 'NO'}; load average "
+                 f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs; "
+                 f"{len(results) // len(impls)} rounds")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/accel-bench-checkpoint"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--impl", default=",".join(IMPLS), help="comma-separated subset")
+    parser.add_argument("--quick", action="store_true", help="1 round")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.workdir)))
+        return
+    impls = tuple(args.impl.split(","))
+    results = rounds(impls, 1 if args.quick else args.rounds, args.workdir)
+    print(summarize(results, impls))
+
+
+if __name__ == "__main__":
+    main()
