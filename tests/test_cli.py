@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, accel_cli
 
-from accel.cli import launch
+from accel.cli import launch, settings
 from accel.cli._worker import NOT_CONNECTED_EXIT_CODE
 from accel.cli.env import collect_environment, format_report
 from accel.cli.main import main
@@ -42,10 +42,10 @@ CONNECTED_SCRIPT = """
 # ---- option layers and the torchrun command line (in-process, no processes) ----
 
 def test_flag_beats_config_file_beats_default():
-    options = launch.resolve_options(
+    options = launch.launch_options(settings.merge_layers(
         ("the command line", {"num_processes": 4, "master_port": None}),
         ("config file", {"num_processes": 2, "master_port": 29600, "max_restarts": 1}),
-    )
+    ))
     assert (options.num_processes, options.master_port, options.max_restarts) == (4, 29600, 1)
     assert (options.num_nodes, options.node_rank, options.allow_unconnected) == (1, 0, False)
 
@@ -60,16 +60,16 @@ def test_flag_beats_config_file_beats_default():
 ])
 def test_bad_options_name_the_problem_and_the_source(values, message):
     with pytest.raises(LaunchEnvironmentError, match=re.escape(message)):
-        launch.resolve_options(("config file 'run.toml'", values))
+        launch.launch_options(settings.merge_layers(("config file 'run.toml'", values)))
 
 
 def test_config_file_errors(tmp_path):
     with pytest.raises(LaunchEnvironmentError, match="does not exist"):
-        launch.load_config(tmp_path / "missing.toml")
+        settings.load_config(tmp_path / "missing.toml")
     broken = write(tmp_path / "broken.toml", "num_processes = \n")
     with pytest.raises(LaunchEnvironmentError, match="is not valid TOML"):
-        launch.load_config(broken)
-    assert launch.load_config(write(tmp_path / "ok.toml", "num_processes = 3\n")) == {
+        settings.load_config(broken)
+    assert settings.load_config(write(tmp_path / "ok.toml", "num_processes = 3\n")) == {
         "num_processes": 3}
 
 

@@ -10,11 +10,11 @@ atomically: see `accel.checkpoint.common` for the layout.
 
 from accel.checkpoint.common import CheckpointInfo
 from accel.checkpoint.export import load_model, save_model
-from accel.checkpoint.files import CheckpointNotFoundError, CorruptCheckpointError
 from accel.checkpoint.folder import CheckpointFolder
 from accel.checkpoint.load import load_state
 from accel.checkpoint.parts import load_sharded_tensors
 from accel.checkpoint.save import save_state
+from accel.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = [
     "CheckpointFolder",

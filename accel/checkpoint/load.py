@@ -16,12 +16,12 @@ from accel.checkpoint.common import (
     check_metadata,
     on_main,
 )
-from accel.checkpoint.files import CheckpointNotFoundError, Record, read_json
+from accel.checkpoint.files import Record, read_json
 from accel.checkpoint.folder import METADATA, CheckpointFolder
 from accel.checkpoint.parts import read_part, read_sharded_part, set_rng_state
 from accel.checkpoint.ties import drop_aliases, restore_aliases
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError, UnsupportedError
+from accel.errors import CheckpointNotFoundError, IncompatibleOptionsError, UnsupportedError
 from accel.optim import AccelOptimizer
 
 

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from accel.checkpoint.files import CorruptCheckpointError, Record, read_json, write_json
+from accel.checkpoint.files import Record, read_json, write_json
 from accel.checkpoint.folder import METADATA
 from accel.checkpoint.tree import flatten, tensor_keys, unflatten
 from accel.checkpoint.weights import read_tensors, write_tensors
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError, InvalidArgumentError
+from accel.errors import CorruptCheckpointError, IncompatibleOptionsError, InvalidArgumentError
 
 Records = Mapping[str, Record]
 

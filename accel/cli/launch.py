@@ -44,24 +44,6 @@ class LaunchOptions:
 # The launch options among all settings (accel.cli.settings); the rest go to the script.
 _OPTION_NAMES = tuple(field.name for field in attrs.fields(LaunchOptions))
 
-# `launch.load_config` reads a TOML config file (kept here for existing callers).
-load_config = settings.load_config
-
-
-def resolve_options(*layers: tuple[str, Mapping[str, Any]]) -> LaunchOptions:
-    """Merge option layers, highest precedence first; a None value means "not set".
-
-    Each layer is `(where it came from, {option: value})`, e.g.
-    `("the command line", flags), ("config file run.toml", config)`. Names and types are
-    checked per layer, so an error says which one to fix. `run_command` resolves all
-    settings (flag > environment > config file > default) with `settings.resolve_settings`.
-
-    >>> resolve_options(("flags", {"num_processes": 4}), ("file", {"num_processes": 2}))
-    LaunchOptions(num_processes=4, ...)
-    """
-    return launch_options(settings.merge_layers(*layers))
-
-
 def launch_options(resolved: settings.Resolved) -> LaunchOptions:
     """The LaunchOptions part of resolved settings."""
     return LaunchOptions(**{name: resolved[name] for name in _OPTION_NAMES})
