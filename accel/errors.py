@@ -65,3 +65,7 @@ class CorruptCheckpointError(AccelError):
 
 class CheckpointNotFoundError(AccelError, FileNotFoundError):
     """There is no complete checkpoint where one was asked for."""
+
+
+class UntrustedCheckpointError(AccelError):
+    """A checkpoint asks for what its author could abuse: unpickling, or a file outside it."""

@@ -10,7 +10,6 @@ no process ever holds more than one full tensor on top of its own shards.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -21,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from accel.backends import backend_for
-from accel.checkpoint.files import replace_dir, staging_dir
+from accel.checkpoint.files import output_folder, replacing
 from accel.checkpoint.ties import alias_groups, identity, kept_names
 from accel.checkpoint.weights import (
     INDEX_NAME,
@@ -53,20 +52,26 @@ class LoadResult(NamedTuple):
 
 def save_model(model: nn.Module, directory: str | os.PathLike[str], ctx: Context, *,
                max_shard_size: int | str = "5GB") -> Path:
-    """Write the model's full weights to `directory` as (sharded) safetensors; a collective.
+    """Write the model's full weights into `directory` as (sharded) safetensors; a collective.
 
     Unwraps DDP, FSDP2, DeepSpeed and torch.compile. Tied weights are written once, under
     the name transformers keeps (its `_tied_weights_keys` are dropped); a transformers
-    model's config.json is written beside them. The folder appears whole or not at all:
-    rank 0 writes a temporary folder, fsyncs it and renames it; every rank returns once
-    it is in place.
+    model's config.json is written beside them. Rank 0 writes each file under a temporary
+    name and renames it into place, the index last, then removes the weight files of an
+    earlier save that this one did not rewrite; every other file in `directory` (a
+    tokenizer, a README, subfolders) stays. Every rank returns once the files are in place.
 
     Args:
+        directory: the folder to write into, created if absent ("." works).
         max_shard_size: largest shard file, bytes or "5GB"/"500MiB" (a larger tensor
             gets a file of its own); everything in one `model.safetensors` when it fits.
 
     Returns:
         The folder written.
+
+    Raises:
+        InvalidArgumentError: `directory` (or a folder above it) is a file, or
+            max_shard_size is not positive.
 
     >>> accel.save_model(model, "export/", ctx, max_shard_size="2GB")
     >>> GPT2LMHeadModel.from_pretrained("export/")
@@ -77,22 +82,17 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], ctx: Context
     module = unwrap_for_export(model, ctx)
     specs, fetch = _full_state_source(model, module, ctx)
     target = Path(directory)
-    staging, error = None, None
+    folder, error = None, None  # folder: where this process writes (rank 0 only)
     if ctx.is_main_process:
         try:
-            staging = staging_dir(target)
-        except OSError as exc:  # rank 0 still takes part in the gathers below, then fails
-            error = exc
+            folder = output_folder(target)
+            _write_config(module, folder)  # first: the weights' index is the last file written
+        except (OSError, AccelError) as exc:  # rank 0 still takes part in the gathers below
+            folder, error = None, exc
     try:
-        write_safetensors_shards(specs, fetch, staging, max_shard_size=max_bytes)
-        if staging is not None:
-            _write_config(module, staging)
-            replace_dir(staging, target)
+        write_safetensors_shards(specs, fetch, folder, max_shard_size=max_bytes)
     except (OSError, AccelError) as exc:
         error = error or exc
-    finally:
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     # Instead of a bare barrier: the other ranks learn that rank 0 failed, and fail too.
     failed = any_rank(error is not None, ctx)
     if error is not None:
@@ -135,7 +135,8 @@ def _write_config(module: nn.Module, directory: Path) -> None:
     # A transformers model's config.json, so that from_pretrained(directory) needs nothing else.
     config = getattr(module, "config", None)
     if hasattr(config, "to_json_string"):
-        write_text(directory / "config.json", config.to_json_string())
+        with replacing(directory / "config.json") as tmp:
+            write_text(tmp, config.to_json_string())
 
 
 def _whole(tensor: torch.Tensor, writer: bool) -> torch.Tensor | None:
@@ -161,6 +162,7 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
         InvalidArgumentError: with strict=True, names the missing and unexpected tensors;
             always, tensors whose shapes differ.
         CorruptCheckpointError: a truncated or unreadable file (named).
+        UntrustedCheckpointError: the index names a file outside the folder.
 
     >>> accel.load_model(model, "export/", ctx)
     """

@@ -5,25 +5,31 @@ renamed into place, so a crash never leaves a name pointing at data that is not 
 A file's size and CRC32 (zlib, ~5 GB/s) are computed over the bytes as they are written
 (`ChecksummedWriter`) and checked over the bytes that are then loaded (`read_verified`):
 no file is read a second time just for its checksum. CRC32 catches truncation and
-corruption; it is not meant to resist tampering.
+corruption; it is not meant to resist tampering. File names read from a checkpoint (an
+index, accel.json) are checked to stay inside its folder (`inside`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import shutil
-import tempfile
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 # Defined in accel.errors; imported from here by the rest of the package.
-from accel.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from accel.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    UntrustedCheckpointError,
+)
 
 __all__ = ["CheckpointNotFoundError", "CorruptCheckpointError"]
 
@@ -141,10 +147,88 @@ def tmp_path(final: Path) -> Path:
     return final.with_name(f"{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
 
 
-def staging_dir(target: Path) -> Path:
-    """A fresh hidden folder next to `target`, to fill and then `replace_dir` into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+@contextlib.contextmanager
+def replacing(final: Path) -> Iterator[Path]:
+    """A temporary name next to `final` to write (and fsync) a file under; renamed onto
+    `final` if the block succeeds, removed if it fails.
+
+    Readers of `final` see the old file or the new one, whole, never a partial write.
+    """
+    tmp = tmp_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+        fsync_path(final.parent)  # the rename is durable before whatever is written next
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def output_folder(target: Path) -> Path:
+    """`target`, created if absent, for files to be written into it.
+
+    Raises:
+        InvalidArgumentError: `target`, or a folder above it, is a file.
+    """
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InvalidArgumentError(
+            f"{target} is not a folder and cannot be made one: it, or a folder above it, is "
+            "a file; choose another path") from None
+    return target
+
+
+def inside(root: Path, name: Any, source: Path) -> Path:
+    """`root / name` for a file name read from `source` (an index, accel.json), checked.
+
+    Such a file comes with the folder; it must not make a loader read anything outside
+    it. Symlinks are resolved, except that a Hugging Face cache snapshot's files may
+    point into its repository's ``blobs`` folder (the cache is laid out that way).
+
+    Raises:
+        UntrustedCheckpointError: `name` is absolute, climbs out with ``..``, goes
+            through a symlink that leads elsewhere, or is not a path at all.
+    """
+    real = _real(root, name)
+    if real is not None and any(real != folder and real.is_relative_to(folder)
+                                for folder in _roots(root)):
+        return root / name
+    raise UntrustedCheckpointError(
+        f"{source} names the file {name!r}, which is not inside {root}: refusing to read it. "
+        "A weights index or accel.json may only name files in its own folder; this one was "
+        "edited by hand or comes from someone you should not trust")
+
+
+def index_files(root: Path, weight_map: Mapping[str, Any], source: Path) -> dict[str, Path]:
+    """{tensor name: file} of the `weight_map` of an index (`source`) in `root`.
+
+    Raises:
+        UntrustedCheckpointError: a file is not inside `root` (see `inside`).
+    """
+    checked: dict[str, Path] = {}
+    for file in weight_map.values():
+        if not isinstance(file, str) or file not in checked:  # each file resolved once
+            checked[file] = inside(root, file, source)
+    return {name: checked[file] for name, file in weight_map.items()}
+
+
+def _real(root: Path, name: Any) -> Path | None:
+    """`root / name` with its symlinks resolved; None if `name` is no file name at all."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return None
+    try:
+        return (root / name).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+
+
+def _roots(root: Path) -> list[Path]:
+    """The folders the files of `root` may resolve into: itself, and, in a Hugging Face
+    cache (``models--org--name/snapshots/REV/``), that repository's ``blobs``."""
+    real = root.resolve()
+    return [real, *(folder.parent.parent / "blobs" for folder in (real, *real.parents)
+                    if folder.parent.name == "snapshots" and folder.parent.parent.name
+                    .startswith(("models--", "datasets--", "spaces--")))]
 
 
 def replace_dir(staging: Path, target: Path) -> None:
@@ -195,7 +279,7 @@ def check_sizes(root: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
         CorruptCheckpointError: naming the first file missing or of another size.
     """
     for name, record in sorted(records.items()):
-        path = root / name
+        path = inside(root, name, root / "accel.json")
         if not path.is_file():
             raise CorruptCheckpointError(f"the checkpoint file {path} is missing")
         _check_size(path, path.stat().st_size, record)
@@ -212,7 +296,7 @@ def verify(root: Path, records: Mapping[str, Mapping[str, Any]], names: Iterable
             (truncated) or another checksum (corrupted).
     """
     for name in names:
-        path = root / name
+        path = inside(root, name, root / "accel.json")
         record = records.get(name)
         if record is None:
             raise CorruptCheckpointError(

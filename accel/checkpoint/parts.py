@@ -3,7 +3,8 @@
 A full part is ``NAME.json`` + ``NAME.safetensors``; a sharded part is ``NAME.json`` +
 ``NAME/``, a torch.distributed.checkpoint directory written with its safetensors
 storage (one ``shard-*.safetensors`` per writing rank, offsets in each file's header),
-which DCP reads back on any number of processes. Neither holds pickled data.
+which DCP reads back on any number of processes. Neither holds pickled data; a plain
+DCP folder (pickled ``.metadata``) is read only when the caller passes trust_pickle=True.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from accel.checkpoint.folder import METADATA
 from accel.checkpoint.tree import flatten, tensor_keys, unflatten
 from accel.checkpoint.weights import read_tensors, write_tensors
 from accel.context import Context
-from accel.errors import CorruptCheckpointError, IncompatibleOptionsError, InvalidArgumentError
+from accel.errors import (
+    CorruptCheckpointError,
+    IncompatibleOptionsError,
+    InvalidArgumentError,
+    UntrustedCheckpointError,
+)
 
 Records = Mapping[str, Record]
 
@@ -84,40 +90,67 @@ def read_sharded_part(root: Path, name: str, target: Any, ctx: Context) -> Any:
     return unflatten(skeleton, tensors, source=str(root / name))
 
 
-def sharded_tensor_specs(directory: str | Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """{key: (shape, dtype)} of every tensor in a sharded part (from its metadata only)."""
+def sharded_tensor_specs(directory: str | Path, *, trust_pickle: bool = False
+                         ) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """{key: (shape, dtype)} of every tensor in a sharded part (from its metadata only).
+
+    Args:
+        trust_pickle: as in `load_sharded_tensors`.
+
+    Raises:
+        UntrustedCheckpointError: a plain DCP folder, without trust_pickle=True.
+    """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    entries = _reader(directory).read_metadata().state_dict_metadata
+    entries = _reader(directory, trust_pickle).read_metadata().state_dict_metadata
     return {key: (meta.size, meta.properties.dtype) for key, meta in entries.items()
             if isinstance(meta, TensorStorageMetadata)}
 
 
-def load_sharded_tensors(directory: str | Path, keys: Iterable[str] | None = None
-                         ) -> dict[str, torch.Tensor]:
+def load_sharded_tensors(directory: str | Path, keys: Iterable[str] | None = None, *,
+                         trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a sharded part, whole, on the CPU of this one process (no process group).
 
     For tools (`accel merge-weights`): `directory` is e.g. ``CKPT/model`` (keys are then
-    parameter names), or any torch.distributed.checkpoint folder (with ``.metadata``).
-    `keys`: only these (default: all); only their bytes are read.
+    parameter names), or a torch.distributed.checkpoint folder.
+
+    Args:
+        keys: only these (default: all); only their bytes are read.
+        trust_pickle: also read a plain torch.distributed.checkpoint folder, whose
+            ``.metadata`` is a pickle: unpickling runs whatever code its author put
+            there, so pass True only for folders whose author you trust. accel's own
+            checkpoints (safetensors shards) never need it.
+
+    Raises:
+        UntrustedCheckpointError: a folder with ``.metadata`` and no safetensors shards,
+            without trust_pickle=True.
+        InvalidArgumentError: a key the folder does not hold.
 
     >>> weights = load_sharded_tensors("runs/exp1/checkpoint_000003/model")
     """
-    specs = sharded_tensor_specs(directory)
+    specs = sharded_tensor_specs(directory, trust_pickle=trust_pickle)
     wanted = list(specs) if keys is None else list(keys)
     absent = [key for key in wanted if key not in specs]
     if absent:
         raise InvalidArgumentError(f"{directory} holds no tensors named {absent[:5]}")
     tensors = {key: torch.empty(specs[key][0], dtype=specs[key][1]) for key in wanted}
-    dcp.load(tensors, storage_reader=_reader(directory), no_dist=True)
+    dcp.load(tensors, storage_reader=_reader(directory, trust_pickle), no_dist=True)
     return tensors
 
 
-def _reader(directory: str | Path) -> dcp.StorageReader:
-    # accel writes safetensors shards (the HF storage); a plain DCP folder has .metadata.
-    if (Path(directory) / ".metadata").is_file():
-        return dcp.FileSystemReader(str(directory))
-    return dcp.HuggingFaceStorageReader(str(directory))
+def _reader(directory: str | Path, trust_pickle: bool) -> dcp.StorageReader:
+    # accel's layout keeps the metadata in its safetensors shards' headers (no pickle); a
+    # plain DCP folder keeps it in .metadata, a pickle, which can run code when loaded.
+    folder = Path(directory)
+    if any(folder.glob("*.safetensors")) or not (folder / ".metadata").is_file():
+        return dcp.HuggingFaceStorageReader(str(folder))
+    if trust_pickle:
+        return dcp.FileSystemReader(str(folder))
+    raise UntrustedCheckpointError(
+        f"{folder} is a torch.distributed.checkpoint folder whose .metadata is a pickle, "
+        "and unpickling runs whatever code its author put in it: accel reads it only "
+        "when told to. Pass trust_pickle=True (accel merge-weights --trust-pickle) only if "
+        "you trust whoever wrote this folder")
 
 
 def _check_same_keys(saved: set[str], wanted: set[str], where: Path) -> None:

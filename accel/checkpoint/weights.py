@@ -2,11 +2,14 @@
 
 Writing: `write_safetensors_shards` lays tensors out in ``model.safetensors`` or
 ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``, asking for one
-tensor at a time, so the writer never holds more than one; `write_tensors` streams one
-file the same way (checkpoint parts). Both checksum the bytes as they write them.
+tensor at a time, so the writer never holds more than one; it writes into a folder,
+file by file atomically, and removes only its own files of an earlier save.
+`write_tensors` streams one file the same way (checkpoint parts). Both checksum the
+bytes as they write them.
 Reading: `WeightFiles` maps names to files (safetensors, or pickled .bin/.pt through
-``torch.load(weights_only=True)``) and checks every file before anything is read;
-`read_tensors` reads a checkpoint part's file once, verifying it on the way.
+``torch.load(weights_only=True)``; an index may name only files inside its folder) and
+checks every file before anything is read; `read_tensors` reads a checkpoint part's
+file once, verifying it on the way.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,10 +27,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from accel.checkpoint.files import (
+    TMP_MARK,
     ChecksummedWriter,
     CorruptCheckpointError,
     Record,
+    fsync_path,
+    index_files,
     read_verified,
+    replacing,
     write_bytes,
 )
 from accel.errors import AccelError, InvalidArgumentError
@@ -40,6 +48,10 @@ TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 # transformers refuses a safetensors file whose metadata does not say "pt".
 _METADATA = {"format": "pt"}
 _DTYPE_OF = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+# The files write_safetensors_shards writes, and their temporary names: the only files
+# it ever removes from a folder.
+_OWN_FILE = re.compile(r"(model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors)"
+                       rf"({re.escape(TMP_MARK)}[0-9a-f]{{12}})?")
 
 
 class TensorSpec(NamedTuple):
@@ -81,13 +93,20 @@ def plan_shards(specs: Sequence[TensorSpec], max_bytes: int) -> list[list[Tensor
 def write_safetensors_shards(specs: Sequence[TensorSpec],
                              fetch: Callable[[str], torch.Tensor | None],
                              directory: Path | None, *, max_shard_size: int) -> dict[str, Record]:
-    """Write `specs` as shard files plus an index in `directory`, one tensor in memory at a time.
+    """Write `specs` as shard files plus an index into `directory`, one tensor in memory at a time.
 
     `fetch(name)` is called once per tensor, in the same order on every process (it may be
     a collective); `directory` is None on processes that do not write, where fetch's
-    result is ignored. Files are fsynced. When writing fails (disk full, ...), the
-    remaining tensors are still fetched, so that processes gathering them with this one
-    do not wait forever, and then the error is raised.
+    result is ignored. When writing fails (disk full, ...), the remaining tensors are
+    still fetched, so that processes gathering them with this one do not wait forever,
+    and then the error is raised.
+
+    Each file is written under a temporary name, fsynced and renamed into place; the
+    index comes last, then the weight files of an earlier save that this one did not
+    rewrite are removed (see `_remove_stale`). Nothing else in `directory` is
+    touched. A crash leaves complete files only: the old index with the old shards, or
+    (when the new save reuses their names) some of them already new ones; or the new
+    index with the new shards.
 
     Returns:
         {file name: {"bytes", "crc32"}} of the files written ({} where directory is None).
@@ -108,20 +127,46 @@ def write_safetensors_shards(specs: Sequence[TensorSpec],
             if directory is None:
                 for spec in shard:
                     fetch_counted(spec.name)
-            else:
-                records[file_name] = _write_file(directory / file_name, shard, fetch_counted)
-        if directory is not None and len(shards) > 1:
-            weight_map = {spec.name: file for file, shard in zip(files, shards, strict=True)
-                          for spec in shard}
-            index = {"metadata": {"total_size": sum(spec.nbytes for spec in specs)},
-                     "weight_map": weight_map}
-            records[INDEX_NAME] = write_text(
-                directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+                continue
+            with replacing(directory / file_name) as tmp:
+                records[file_name] = _write_file(tmp, shard, fetch_counted)
     except (OSError, AccelError):
         for spec in [spec for shard in shards for spec in shard][len(fetched):]:
             fetch(spec.name)
         raise
+    if directory is not None:
+        if len(shards) > 1:
+            records[INDEX_NAME] = _write_index(directory, dict(zip(files, shards, strict=True)))
+        _remove_stale(directory, set(records))
     return records
+
+
+def _write_index(directory: Path, shards: Mapping[str, Sequence[TensorSpec]]) -> Record:
+    weight_map = {spec.name: file for file, shard in shards.items() for spec in shard}
+    total = sum(spec.nbytes for shard in shards.values() for spec in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with replacing(directory / INDEX_NAME) as tmp:
+        return write_text(tmp, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def own_weight_file(name: str) -> bool:
+    """Whether `write_safetensors_shards` writes files named `name` (or it is a temporary one)."""
+    return _OWN_FILE.fullmatch(name) is not None
+
+
+def _remove_stale(directory: Path, keep: set[str]) -> None:
+    """Remove the weight files of an earlier save into `directory` that are not in `keep`.
+
+    Only names `write_safetensors_shards` gives its files (and their temporary names)
+    are candidates: a user's tokenizer.json, README.md or subfolders always stay. An
+    index goes first, so that it never names a shard already removed.
+    """
+    stale = [path for path in directory.iterdir() if path.name not in keep
+             and own_weight_file(path.name) and path.is_file()]
+    for path in sorted(stale, key=lambda path: path.name != INDEX_NAME):
+        path.unlink(missing_ok=True)
+    if stale:
+        fsync_path(directory)
 
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> Record:
@@ -287,20 +332,27 @@ def _locate(path: Path) -> dict[str, Path]:
     """Tensor name -> file, for a weights file or folder."""
     if path.is_file():
         return {name: path for name in _names_in(path)}
-    for index_name in (INDEX_NAME, TORCH_INDEX_NAME):
-        if (path / index_name).is_file():
-            try:
-                weight_map = json.loads((path / index_name).read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise CorruptCheckpointError(f"{path / index_name} is not a weights index "
-                                             f"({exc})") from exc
-            return {name: path / file for name, file in weight_map.items()}
-    for file_name in (WEIGHTS_NAME, *TORCH_WEIGHTS_NAMES):
-        if (path / file_name).is_file():
-            return {name: path / file_name for name in _names_in(path / file_name)}
+    # safetensors before pickled files, as transformers: save_model leaves a folder's
+    # older pytorch_model.bin(.index.json) in place.
+    for file_name in (INDEX_NAME, WEIGHTS_NAME, TORCH_INDEX_NAME, *TORCH_WEIGHTS_NAMES):
+        file = path / file_name
+        if file.is_file() and file_name.endswith(".index.json"):
+            return index_files(path, _weight_map(file), file)
+        if file.is_file():
+            return {name: file for name in _names_in(file)}
     raise InvalidArgumentError(
         f"{path} holds no weights: expected a .safetensors/.bin/.pt file or a folder with "
         f"{INDEX_NAME}, {WEIGHTS_NAME} or {TORCH_WEIGHTS_NAMES[0]} (save_model writes one)")
+
+
+def _weight_map(index: Path) -> dict[str, Any]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{index} is not a weights index ({exc})") from exc
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(f"{index} is not a weights index (no weight_map object)")
+    return weight_map
 
 
 def _names_in(file: Path) -> Iterable[str]:

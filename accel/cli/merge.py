@@ -3,24 +3,26 @@
 Runs in one process, without a process group: a sharded checkpoint saved by any number
 of ranks is read through `accel.checkpoint.load_sharded_tensors` one output shard at a
 time (the reader fetches only the byte ranges it needs), so memory stays near
-`--max-shard-size`.
+`--max-shard-size`. A plain torch.distributed.checkpoint folder keeps its metadata in a
+pickle, read only with `--trust-pickle`. The weight files are written into OUT as
+`save_model` writes them: the other files there stay.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from accel.checkpoint.files import replace_dir, staging_dir
+from accel.checkpoint.files import output_folder
 from accel.checkpoint.parts import load_sharded_tensors, sharded_tensor_specs
 from accel.checkpoint.weights import (
     TensorSpec,
     WeightFiles,
+    own_weight_file,
     plan_shards,
     write_safetensors_shards,
 )
@@ -42,54 +44,84 @@ def add_parser(subparsers: Any) -> None:
         description="Merge the model weights of an accel checkpoint, or of a "
                     "torch.distributed.checkpoint folder saved on any number of ranks, into "
                     "safetensors files that transformers' from_pretrained and accel.load_model "
-                    "read. Runs in one process.",
+                    "read. Runs in one process. The files are written into OUTPUT; other "
+                    "files there (a tokenizer, a README) stay.",
     )
-    parser.add_argument("checkpoint", help="an accel checkpoint folder (with accel.json) or "
-                                           "a torch.distributed.checkpoint folder")
-    parser.add_argument("output", help="the folder to write (replaced whole if it exists)")
+    parser.add_argument("checkpoint", help="an accel checkpoint folder (with accel.json), a "
+                                           "weights folder or file, or a "
+                                           "torch.distributed.checkpoint folder")
+    parser.add_argument("output", help="the folder to write the weights into (created if "
+                                       "absent; weight files of an earlier export there are "
+                                       "replaced, other files stay)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file (default: 5GB)")
     parser.add_argument("--prefix", default="",
                         help="only tensors whose names start with this, with it removed: "
                              "'model.' for a DCP folder saved as {'model': ..., 'optimizer': ...}")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="read a plain torch.distributed.checkpoint folder, whose .metadata "
+                             "is a pickle that can run any code: only if you trust its author")
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """`accel merge-weights CKPT OUT [--max-shard-size 5GB] [--prefix P]`."""
-    written = merge_weights(args.checkpoint, args.output, max_shard_size=args.max_shard_size,
-                            prefix=args.prefix)
-    files = sorted(path.name for path in written.iterdir())
-    print(f"wrote {len(files)} files to {written}: {', '.join(files)}")
+    """`accel merge-weights CKPT OUT [--max-shard-size 5GB] [--prefix P] [--trust-pickle]`."""
+    files = merge_weights(args.checkpoint, args.output, max_shard_size=args.max_shard_size,
+                          prefix=args.prefix, trust_pickle=args.trust_pickle)
+    print(f"wrote {len(files)} files to {args.output}: {', '.join(files)}")
     return 0
 
 
 def merge_weights(checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                  max_shard_size: int | str = "5GB", prefix: str = "") -> Path:
-    """Write the model weights of `checkpoint` to `output` as save_model does; returns `output`.
+                  max_shard_size: int | str = "5GB", prefix: str = "",
+                  trust_pickle: bool = False) -> list[str]:
+    """Write the model weights of `checkpoint` into `output` as save_model does.
+
+    Args:
+        trust_pickle: also read a plain torch.distributed.checkpoint folder (see
+            `accel.checkpoint.load_sharded_tensors`).
+
+    Returns:
+        The names of the files written, sorted.
+
+    Raises:
+        InvalidArgumentError: `output` is `checkpoint`'s folder or inside it, or no
+            tensors match.
+        UntrustedCheckpointError: a plain DCP folder without trust_pickle=True.
 
     >>> merge_weights("checkpoints/checkpoint_3", "export/", max_shard_size="2GB")
     """
     max_bytes = parse_size(max_shard_size)
     if max_bytes <= 0:
         raise InvalidArgumentError(f"--max-shard-size must be > 0, got {max_shard_size!r}")
-    source = Path(checkpoint)
+    source, target = Path(checkpoint), Path(output)
     sharded = _dcp_folder(source)
     if sharded is not None:
-        specs, fetch = _dcp_source(sharded, prefix, max_bytes)
+        specs, fetch = _dcp_source(sharded, prefix, max_bytes, trust_pickle)
     else:
         specs, fetch = _weights_source(_weights_path(source), prefix)
     if not specs:
         raise InvalidArgumentError(f"{source} holds no tensors whose names start with {prefix!r}")
-    target = Path(output)
-    staging = staging_dir(target)
-    try:
-        write_safetensors_shards(specs, fetch, staging, max_shard_size=max_bytes)
-        replace_dir(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    _check_outside(source, target)
+    records = write_safetensors_shards(specs, fetch, output_folder(target),
+                                       max_shard_size=max_bytes)
+    return sorted(records)
+
+
+def _check_outside(source: Path, target: Path) -> None:
+    # Written there, the new files would overwrite or (as an earlier export's) remove the
+    # checkpoint's own files, or be taken for its shards. Beside a lone weights file is
+    # fine unless it has a name merge-weights writes (pytorch_model.bin -> . converts).
+    real, out = source.resolve(), target.resolve()
+    if source.is_file():
+        clash = out == real.parent and own_weight_file(real.name)
+    else:
+        clash = out == real or real in out.parents
+    if clash:
+        raise InvalidArgumentError(
+            f"the output {target} is the checkpoint {source}, inside it, or the folder of "
+            "that weights file: writing there would overwrite or remove the checkpoint's "
+            "files; choose an output folder outside the checkpoint")
 
 
 def _dcp_folder(source: Path) -> Path | None:
@@ -117,10 +149,11 @@ def _weights_source(path: Path, prefix: str) -> tuple[list[TensorSpec], Any]:
     return specs, lambda name: files.read(prefix + name)
 
 
-def _dcp_source(path: Path, prefix: str, max_bytes: int) -> tuple[list[TensorSpec], Any]:
+def _dcp_source(path: Path, prefix: str, max_bytes: int, trust_pickle: bool
+                ) -> tuple[list[TensorSpec], Any]:
     """Specs from the DCP metadata; tensors read one output shard at a time."""
-    tensors = {key: spec for key, spec in sharded_tensor_specs(path).items()
-               if key.startswith(prefix)}
+    tensors = {key: spec for key, spec in sharded_tensor_specs(
+        path, trust_pickle=trust_pickle).items() if key.startswith(prefix)}
     stray = [key for key in tensors if key.startswith(_OPTIMIZER_PREFIXES)]
     if stray:
         raise InvalidArgumentError(
@@ -128,14 +161,16 @@ def _dcp_source(path: Path, prefix: str, max_bytes: int) -> tuple[list[TensorSpe
             "--prefix with the model's key (usually 'model.') to merge the model alone")
     specs = [TensorSpec(key[len(prefix):], tuple(shape), dtype)
              for key, (shape, dtype) in tensors.items()]
-    return specs, _ShardReader(path, prefix, plan_shards(specs, max_bytes))
+    return specs, _ShardReader(path, prefix, plan_shards(specs, max_bytes), trust_pickle)
 
 
 class _ShardReader:
     """fetch(name) for the writer: loads the whole output shard holding `name` at once."""
 
-    def __init__(self, path: Path, prefix: str, shards: list[list[TensorSpec]]):
+    def __init__(self, path: Path, prefix: str, shards: list[list[TensorSpec]],
+                 trust_pickle: bool):
         self.path, self.prefix, self.shards = path, prefix, shards
+        self.trust_pickle = trust_pickle
         self.shard_of = {spec.name: index for index, shard in enumerate(shards) for spec in shard}
         self.loaded: dict[str, torch.Tensor] = {}
 
@@ -144,5 +179,6 @@ class _ShardReader:
             self.loaded = {}  # the previous shard is written: free it before reading the next
             keys = [self.prefix + spec.name for spec in self.shards[self.shard_of[name]]]
             self.loaded = {key[len(self.prefix):]: tensor
-                           for key, tensor in load_sharded_tensors(self.path, keys).items()}
+                           for key, tensor in load_sharded_tensors(
+                               self.path, keys, trust_pickle=self.trust_pickle).items()}
         return self.loaded.pop(name)

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from accel.checkpoint.files import index_files
 from accel.context import Context
 from accel.errors import InvalidArgumentError
 from accel.inference.blocks import owner_entry
@@ -75,6 +76,7 @@ def load_checkpoint_and_dispatch(
     Raises:
         InvalidArgumentError: no safetensors files, missing or unexpected tensors, shapes
             that differ, or disk blocks that need writing without `offload_dir`.
+        UntrustedCheckpointError: the index names a file outside the checkpoint folder.
 
     >>> with accel.init_empty_weights():
     ...     model = GPT2LMHeadModel(config)
@@ -101,6 +103,9 @@ def load_checkpoint_and_dispatch(
 def checkpoint_files(checkpoint: str | os.PathLike[str]) -> dict[str, Path]:
     """Where each tensor of a checkpoint lives: tensor name -> safetensors file.
 
+    Raises:
+        UntrustedCheckpointError: the index names a file outside the folder.
+
     >>> checkpoint_files("gpt2-ckpt/")["lm_head.weight"]
     PosixPath('gpt2-ckpt/model-00002-of-00002.safetensors')
     """
@@ -109,7 +114,7 @@ def checkpoint_files(checkpoint: str | os.PathLike[str]) -> dict[str, Path]:
         return {name: path for name in read_safetensors_header(path)}
     if path.is_dir() and (path / INDEX_FILE).is_file():
         weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        return index_files(path, weight_map, path / INDEX_FILE)
     shards = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not shards:
         raise InvalidArgumentError(
