@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from accel.errors import LaunchEnvironmentError, MissingDependencyError, NotConnectedError
+from accel.mesh import DATA_PARALLEL, MeshLayout, build_device_mesh, dp_group_of
 from accel.world import World, detect_world
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
@@ -66,6 +67,23 @@ class Context:
     #: whether `init` created the default process group, so `shutdown` may destroy it.
     owns_process_group: bool = attrs.field(default=False, eq=False)
     applied: tuple[str, ...] = ()
+    #: the named parallel dimensions (pp, dp_replicate, dp_shard, cp, tp) and their sizes.
+    layout: MeshLayout = attrs.field(eq=True)
+    #: the torch DeviceMesh built for `layout` by `init(mesh=...)` or adopted; see `mesh`.
+    device_mesh: Any = attrs.field(default=None, eq=False)
+    #: the process group over the data-parallel dimensions; None: `group` serves.
+    data_group: Any = attrs.field(default=None, eq=False)
+
+    @layout.default
+    def _one_data_parallel_dimension(self) -> MeshLayout:
+        return MeshLayout.of(None, self.world.world_size)
+
+    def __attrs_post_init__(self) -> None:
+        if self.layout.size(*self.layout.names) != self.world.world_size:
+            raise LaunchEnvironmentError(
+                f"the mesh layout {self.layout} has {self.layout.size(*self.layout.names)} "
+                f"ranks, but the world has {self.world.world_size}"
+            )
 
     @property
     def rank(self) -> int:
@@ -92,6 +110,61 @@ class Context:
         return self.world.num_nodes
 
     @property
+    def mesh(self) -> Any:
+        """The torch DeviceMesh with this Context's dimension names; None without a group.
+
+        Without `init(mesh=...)` it is one data-parallel dimension, ``dp_shard``, over the
+        whole process group, as `shard_model` has always used it.
+        """
+        if self.device_mesh is not None or not dist.is_initialized():
+            return self.device_mesh
+        from torch.distributed.device_mesh import DeviceMesh
+
+        # Wrapping the existing group is local (no collective): safe to do on first use.
+        group = self.group if self.group is not None else dist.group.WORLD
+        return DeviceMesh.from_group(group, _mesh_device_type(self),
+                                     mesh_dim_names=self.layout.names)
+
+    @property
+    def dp_group(self) -> Any:
+        """The process group of this rank's data-parallel peers (None: the default group)."""
+        return self.data_group if self.device_mesh is not None else self.group
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (dp_replicate x dp_shard)."""
+        return self.layout.rank_in(self.rank, *DATA_PARALLEL)
+
+    @property
+    def dp_size(self) -> int:
+        """How many ranks see different data: dp_replicate x dp_shard."""
+        return self.layout.size(*DATA_PARALLEL)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.rank_in(self.rank, "tp")
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.size("tp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self.layout.rank_in(self.rank, "cp")
+
+    @property
+    def cp_size(self) -> int:
+        return self.layout.size("cp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.rank_in(self.rank, "pp")
+
+    @property
+    def pp_size(self) -> int:
+        return self.layout.size("pp")
+
+    @property
     def is_distributed(self) -> bool:
         return self.world.world_size > 1
 
@@ -114,9 +187,10 @@ class Context:
         *,
         device: str | torch.device | None = None,
         env: Mapping[str, str] | None = None,
+        mesh: Any = None,
     ) -> Context:
         """Adopt a process group someone else started; see `accel.from_process_group`."""
-        return from_process_group(group, device=device, env=env)
+        return from_process_group(group, device=device, env=env, mesh=mesh)
 
     def record(self, description: str, **changes: Any) -> Context:
         """A copy with `changes` applied and `description` appended to `applied`."""
@@ -138,6 +212,8 @@ class Context:
             f"precision={self.precision}",
             f"grad_accum_steps={self.grad_accum_steps}",
         ]
+        if len(self.layout.sizes) > 1:
+            parts.append(f"mesh={self.layout}")
         if self.seed is not None:
             parts.append(f"seed={self.seed}")
         if self.debug:
@@ -199,6 +275,7 @@ def init(
     seed: int | None = None,
     debug: bool | None = None,
     env: Mapping[str, str] | None = None,
+    mesh: Mapping[str, int] | None = None,
 ) -> Context:
     """Read the launch environment, start the process group when world size > 1.
 
@@ -209,15 +286,22 @@ def init(
         seed: seed python, numpy and torch on every rank (see `set_seed`).
         debug: check shapes across ranks before collectives (also ACCEL_DEBUG=1).
         env: the launch variables; defaults to os.environ.
+        mesh: named parallel dimensions and their sizes, any of "pp", "dp_replicate",
+            "dp_shard", "cp", "tp" (laid out outer to inner in that order); the sizes
+            multiply to the world size, one may be -1 (the rest). Builds `ctx.mesh`;
+            data-parallel transforms act on dp_replicate x dp_shard. Default: one
+            data-parallel dimension over every rank.
 
     Calling init again in the same process returns an equal Context; a process group
     started by someone else is joined, never replaced.
 
     >>> ctx = accel.init()
     >>> ctx.world_size      # 2 under `accel launch -n 2 train.py`
+    >>> ctx = accel.init(mesh={"dp_shard": 2, "tp": 2})   # 4 processes
     """
     env = os.environ if env is None else env
     world = detect_world(env)
+    layout = MeshLayout.of(mesh, world.world_size)
     resolved = resolve_device(device, world.local_rank, env)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
@@ -229,19 +313,37 @@ def init(
         timeout=timeout,
         seed=seed,
         debug=debug if debug is not None else env.get("ACCEL_DEBUG", "").lower() in _TRUE,
+        layout=layout,
     )
     if world.world_size > 1:
         ctx = _join_process_group(ctx, dist_backend or default_dist_backend(resolved), env)
+        if mesh is not None:
+            ctx = _with_device_mesh(ctx)
     if seed is not None:
-        from accel.seeding import set_seed
+        from accel.runtime.seeding import set_seed
 
         set_seed(seed, ctx)
     return ctx
 
 
+def _mesh_device_type(ctx: Context) -> str:
+    return ctx.device.type
+
+
+def _with_device_mesh(ctx: Context) -> Context:
+    """Build the DeviceMesh of ctx.layout and its data-parallel group (every rank, once)."""
+    if ctx.device.type == "xla":
+        raise LaunchEnvironmentError(
+            "init(mesh=...) builds a torch DeviceMesh, which XLA devices do not use; on XLA "
+            "describe the SPMD mesh with shard_model(strategy=accel.XLA(mesh_shape=...))"
+        )
+    device_mesh, data_group = build_device_mesh(ctx.layout, _mesh_device_type(ctx), ctx.group)
+    return attrs.evolve(ctx, device_mesh=device_mesh, data_group=data_group)
+
+
 def _xla_world(world: World, env: Mapping[str, str]) -> World:
     """Under `xmp.spawn` (`accel launch --xla`) the XLA runtime, not variables, knows the world."""
-    from accel.backends import xla
+    from accel.runtime import xla
 
     if world.launcher == "single":
         world = xla.runtime_world(env)
@@ -331,12 +433,15 @@ def from_process_group(
     *,
     device: str | torch.device | None = None,
     env: Mapping[str, str] | None = None,
+    mesh: Any = None,
 ) -> Context:
     """A Context for a world someone else started (Lightning, a Trainer, your own code).
 
     Reads rank and world size from `group` (default: torch's default group); accel never
     destroys that group. Local rank and node come from the launch variables when they
-    describe the same world, else every rank is taken to be on one node.
+    describe the same world, else every rank is taken to be on one node. `mesh`: a torch
+    DeviceMesh your framework built over the same ranks, with dimension names from
+    "pp", "dp_replicate", "dp_shard", "cp", "tp" in that order; accel uses it as it is.
 
     >>> dist.init_process_group("gloo")            # done by your framework
     >>> ctx = accel.Context.from_process_group()
@@ -357,4 +462,22 @@ def from_process_group(
     ctx = Context(world=world, device=resolve_device(device, world.local_rank, env),
                   dist_backend=dist.get_backend(group), group=group)
     verify_connected(ctx)
-    return ctx
+    return ctx if mesh is None else _adopt_mesh(ctx, mesh)
+
+
+def _adopt_mesh(ctx: Context, mesh: Any) -> Context:
+    names = tuple(mesh.mesh_dim_names or ())
+    if mesh.size() != ctx.world_size or len(names) != mesh.ndim:
+        raise LaunchEnvironmentError(
+            f"from_process_group(mesh=...) needs a DeviceMesh over the same {ctx.world_size} "
+            f"ranks with a name for every dimension; got {mesh.size()} ranks named {names}"
+        )
+    layout = MeshLayout.from_names(names, tuple(mesh.shape))
+    if list(layout.coordinates(ctx.rank).values()) != list(mesh.get_coordinate() or ()):
+        raise LaunchEnvironmentError(
+            f"from_process_group(mesh=...): rank {ctx.rank} sits at {mesh.get_coordinate()} "
+            f"of the mesh, not at the row-major place {layout.coordinates(ctx.rank)}; build "
+            "the mesh with init_device_mesh(device_type, shape, mesh_dim_names=...)"
+        )
+    data_group = ctx.group if len(names) == 1 else dp_group_of(mesh, layout)
+    return attrs.evolve(ctx, layout=layout, device_mesh=mesh, data_group=data_group)

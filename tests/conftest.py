@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch.distributed as dist
 
-from accel.cli.settings import CONFIG_FILE_VARIABLE, SETTINGS
+from accel.transforms.settings import CONFIG_FILE_VARIABLE, SETTINGS
 
 # Tests run with accel's defaults, not the developer's: no ACCEL_* settings from the
 # shell, and an empty config file instead of ~/.cache/accel/config.toml.

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from helpers import REPO, accel_cli
 
-from accel.cli import launch, settings
+from accel.cli import launch
 from accel.cli._worker import NOT_CONNECTED_EXIT_CODE
 from accel.cli.env import collect_environment, format_report
 from accel.cli.main import main
 from accel.errors import LaunchEnvironmentError
+from accel.transforms import settings
 
 
 def write(path: Path, source: str) -> Path:
@@ -30,7 +31,7 @@ CONNECTED_SCRIPT = """
     import sys
     import torch
     import accel
-    from accel import ops
+    from accel.runtime import ops
 
     ctx = accel.init()
     total = ops.reduce(torch.tensor([ctx.rank + 1.0]), ctx, op="sum")  # an all_reduce

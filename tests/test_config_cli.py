@@ -15,10 +15,11 @@ from helpers import REPO, accel_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from accel.cli import config, settings
+from accel.cli import config
 from accel.cli.main import main
 from accel.errors import IncompatibleOptionsError, LaunchEnvironmentError
 from accel.testing import LAUNCH_VARIABLES
+from accel.transforms import settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,7 +71,7 @@ def test_questionnaire_defaults_bad_answers_and_engine_questions():
     assert "5 is out of range: it must be >= 0 and <= 1" in transcript
     assert "an answer is needed here" in transcript           # the address has no default
     assert "70000 is out of range" in transcript
-    assert "'zero' is not one of single, ddp, fsdp" in transcript
+    assert "'zero' is not one of ddp, deepspeed, fsdp, single, xla" in transcript
     assert "'4' is not one of 1, 2, 3" in transcript
     assert "'maybe' is not yes or no" in transcript
     assert "0 is out of range: it must be >= 1" in transcript  # accumulation steps
@@ -238,7 +239,7 @@ def answer_config_questions(answers: str, *args: str) -> subprocess.CompletedPro
 PRINTS_SETTINGS = """
     import os
     import accel
-    from accel.cli.settings import training_settings
+    from accel.transforms.settings import training_settings
 
     ctx = accel.init()
     s = training_settings()

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from accel.data import distribute_loader, gather_for_metrics
 from accel.errors import UnsupportedError
-from accel.ops import gather
+from accel.runtime.ops import gather
 from accel.testing import run_world
 
 pytestmark = pytest.mark.spawned

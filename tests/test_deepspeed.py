@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 import accel
+from accel import DeepSpeed
+from accel.backends import resolve_strategy
 from accel.errors import IncompatibleOptionsError, UnsupportedError
-from accel.sharding import DeepSpeed, resolve_strategy
 from accel.testing import run_world
 
 deepspeed = pytest.importorskip("deepspeed")

@@ -44,7 +44,7 @@ def test_local_sgd_rejects_bad_period():
 
 
 def test_local_sgd_refuses_sharded_backends():
-    ctx = accel.Context().record("shard_model(fsdp)", backend="fsdp")
+    ctx = accel.Context().record("shard_model(fsdp)", backend="fsdp", strategy=accel.FSDP())
     with pytest.raises(accel.errors.UnsupportedError, match="strategy='ddp'"):
         with accel.local_sgd(nn.Linear(2, 2), ctx, sync_every=2):
             pass

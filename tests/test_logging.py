@@ -1,4 +1,4 @@
-"""accel.logging: rank 0 only by default, every rank on request, rank order with in_order."""
+"""accel.get_logger: rank 0 only by default, every rank on request, rank order with in_order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, InvalidArgumentError
-from accel.logging import get_logger
+from accel.runtime.logging import get_logger
 from accel.world import World
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from accel.errors import BatchSizeExhaustedError, IncompatibleOptionsError
-from accel.memory import (
+from accel.runtime.memory import (
     find_executable_batch_size,
     is_out_of_memory,
     release_memory,

@@ -1,4 +1,4 @@
-"""accel.ops: collectives on nested data, on real gloo processes and in one process."""
+"""accel.runtime.ops: collectives on nested data, on real gloo processes and in one process."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from accel.errors import (
     NotConnectedError,
     UnsupportedError,
 )
-from accel.ops import (
+from accel.runtime.ops import (
     _comm_device,
     broadcast,
     broadcast_object,

@@ -10,8 +10,8 @@ import pytest
 
 from accel.cli.main import main
 from accel.errors import InvalidArgumentError
-from accel.plot import HEIGHT, WIDTH, plot_metrics
 from accel.tracking import JsonlTracker
+from accel.tracking.plot import HEIGHT, WIDTH, plot_metrics
 
 pytest.importorskip("matplotlib", reason="matplotlib is not installed "
                                          "(pip install 'accel[tracking]')")

@@ -1,4 +1,4 @@
-"""accel.process: barriers, rank-chosen execution, splitting work, votes."""
+"""accel.runtime.process: barriers, rank-chosen execution, splitting work, votes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 
 from accel.context import Context
 from accel.errors import InvalidArgumentError
-from accel.ops import gather_object
-from accel.process import (
+from accel.runtime.ops import gather_object
+from accel.runtime.process import (
     all_ranks,
     any_rank,
     local_main_process_first,

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError
-from accel.profiling import profile_steps
+from accel.runtime.profiling import profile_steps
 from accel.testing import run_world
 
 

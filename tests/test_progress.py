@@ -7,8 +7,8 @@ import io
 import pytest
 
 from accel.context import Context
-from accel.progress import progress
 from accel.testing import fake_world
+from accel.tracking.progress import progress
 
 tqdm = pytest.importorskip("tqdm", reason="tqdm is not installed (pip install 'accel[tracking]')")
 

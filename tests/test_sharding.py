@@ -119,13 +119,13 @@ def test_shard_model_after_wrap_optimizer_is_rejected_for_engines():
 
 
 class OwnStrategy:
-    """A strategy config that is not an attrs class, for an engine accel does not have."""
+    """A config for an engine accel does not have, implementing none of the protocol."""
 
     backend = "megatron"
 
 
-def test_unknown_backend_of_a_config_object_is_named():
-    with pytest.raises(AccelError, match="unknown backend 'megatron'"):
+def test_an_object_without_the_strategy_protocol_is_named_with_what_it_lacks():
+    with pytest.raises(AccelError, match="is not a strategy: it lacks.*'wrap_model'"):
         accel.shard_model(make_mlp(), accel.Context(), strategy=OwnStrategy())
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
+import attrs
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
-from accel.backends import single, state
+from accel.backends import COLLECTIVE_BACKWARD, LOCAL_SGD, BuiltinStrategy, single
+from accel.backends import _state as state
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, UnsupportedError
 
@@ -23,20 +27,46 @@ backward = single.backward
 # Gradients are identical on every rank after the all-reduce: the local norm is the global one.
 clip_grad_norm = single.clip_grad_norm
 clip_grad_value = single.clip_grad_value
-supports_local_sgd = True
 # torch's state-dict functions strip DDP's `module.` prefix: keys are the user's names.
 get_state_dict = state.get_state_dict
 set_state_dict = state.set_state_dict
 
 
+@attrs.frozen
+class DDP(BuiltinStrategy):
+    """torch DistributedDataParallel: full replica per rank, gradients all-reduced.
+
+    Args mirror DistributedDataParallel's; `comm_hook` takes a torch communication hook
+    (with `comm_state`), or the shortcuts "fp16", "bf16" (compress gradients for the
+    all-reduce) and "powersgd" (low-rank compression, PowerSGDState(rank=1) by default).
+
+    >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.DDP(comm_hook="fp16"))
+    """
+
+    capabilities = frozenset({COLLECTIVE_BACKWARD, LOCAL_SGD})
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+    bucket_cap_mb: float | None = None
+    gradient_as_bucket_view: bool = False
+    #: copy rank 0's buffers (BatchNorm statistics) to every rank before each forward.
+    sync_buffers: bool = True
+    comm_hook: str | Callable[..., Any] | None = None
+    comm_state: Any = None
+
+
+STRATEGY = DDP
+
+
 def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
     _check_process_group(ctx)
     model = model.to(ctx.device)
+    if not ctx.layout.only_data_parallel:
+        _sync_replicas(model, ctx)
     kwargs: dict[str, Any] = dict(
         find_unused_parameters=strategy.find_unused_parameters,
         static_graph=strategy.static_graph,
         gradient_as_bucket_view=strategy.gradient_as_bucket_view,
-        process_group=ctx.group,
+        process_group=ctx.dp_group,  # replicas across the data-parallel ranks only
     )
     # torch 2.13 renamed broadcast_buffers; older releases (the XLA lane's 2.9) lack the new name.
     sync_name = "forward_sync_buffers" if _HAS_FORWARD_SYNC else "broadcast_buffers"
@@ -50,6 +80,17 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
         hook, state = _comm_hook(strategy, ctx)
         _register_comm_hook(ddp, strategy.comm_hook, hook, state)
     return ddp
+
+
+def _sync_replicas(model: nn.Module, ctx: Context) -> None:
+    """Give every rank of the mesh rank 0's tensors before DDP syncs its own group.
+
+    DDP broadcasts within the data-parallel group only; ranks of other dimensions (tp,
+    cp) hold replicas too until a transform of theirs shards them.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.detach(), group_src=0, group=ctx.group)
 
 
 def _check_process_group(ctx: Context) -> None:
@@ -83,12 +124,12 @@ def _comm_hook(strategy: Any, ctx: Context) -> tuple[Any, Any]:
     if callable(hook):
         return hook, strategy.comm_state
     if hook == "fp16":
-        return default_hooks.fp16_compress_hook, strategy.comm_state or ctx.group
+        return default_hooks.fp16_compress_hook, strategy.comm_state or ctx.dp_group
     if hook == "bf16":
-        return default_hooks.bf16_compress_hook, strategy.comm_state or ctx.group
+        return default_hooks.bf16_compress_hook, strategy.comm_state or ctx.dp_group
     if hook == "powersgd":
         state = strategy.comm_state or powerSGD_hook.PowerSGDState(
-            process_group=ctx.group, matrix_approximation_rank=1, start_powerSGD_iter=2,
+            process_group=ctx.dp_group, matrix_approximation_rank=1, start_powerSGD_iter=2,
         )
         return powerSGD_hook.powerSGD_hook, state
     raise IncompatibleOptionsError(

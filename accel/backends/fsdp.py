@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,27 +26,91 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from accel.backends import collect_engine_cycles_at_exit, single, state
+from accel.backends import (
+    COLLECTIVE_BACKWARD,
+    SHARDED_CHECKPOINT,
+    BuiltinStrategy,
+    collect_engine_cycles_at_exit,
+    single,
+)
+from accel.backends import _state as state
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, UnsupportedError
 
+# Clipping by the norm of all gradient shards together: the norm of the whole model.
+clip_grad_norm = state.clip_grad_norm
 # Loss scaling is the single-process one: GradScaler's inf check on DTensor gradients is
 # all-reduced by DTensor itself (found_inf_reduce_handler), so every rank skips together.
 backward = single.backward
 # Element-wise clamping needs no communication: each rank clamps its own gradient shards.
 clip_grad_value = single.clip_grad_value
-# Without gradient sync FSDP2 never reduces gradients into the shards: nothing would train.
-supports_local_sgd = False
 # torch's state-dict functions gather or keep the DTensor shards (full=True / False).
 get_state_dict = state.get_state_dict
 set_state_dict = state.set_state_dict
-# save_state writes each rank's shards (torch.distributed.checkpoint), never a full copy.
-checkpoint_sharded = True
 
 #: parameter dtype FSDP2 gathers for the forward, per ctx.precision (fp8: torchao's
 #: Float8Linear casts for itself, autocast lowers the rest, so shards stay fp32).
 _PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _to_shard_units(value: Any) -> Any:
+    """One module class, or a list or set of them, as a tuple (frozen configs hash)."""
+    if isinstance(value, type):
+        return (value,)
+    if isinstance(value, (list, set, frozenset)):
+        return tuple(value)
+    return value
+
+
+@attrs.frozen
+class FSDP(BuiltinStrategy):
+    """torch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded.
+
+    Args:
+        shard_units: the modules that become their own shard unit (one all-gather and
+            one reduce-scatter each): module classes, a parameter count (the smallest
+            modules holding that many parameters not yet in a unit), or a function
+            `module -> bool`. Default: the repeated blocks of each nn.ModuleList
+            (transformer layers), else the root alone.
+        reshard_after_forward: free gathered parameters after forward (True) or keep them
+            for backward (False); None is torch's choice (True for units, False for root).
+        mixed_precision: a torch `MixedPrecisionPolicy`; by default from the Context
+            (bf16/fp16: parameters gathered in that dtype, gradients reduced in fp32).
+        cpu_offload: keep shards, gradients and optimizer state on the CPU: True, or a
+            torch `CPUOffloadPolicy` (True pins memory only for an accelerator device).
+        activation_checkpointing: recompute each shard unit's activations in backward.
+        replicate_degree: HSDP: a (replicate_degree, world_size / replicate_degree)
+            device mesh; parameters are sharded along the second dimension, replicated
+            along the first.
+        mesh: your own torch DeviceMesh (1-D: FSDP, 2-D: HSDP) instead.
+        init_fn: for a model built on the meta device, called on each module holding
+            parameters or buffers once they are allocated; default `reset_parameters()`.
+
+    >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.FSDP(shard_units=Block))
+    """
+
+    capabilities = frozenset({COLLECTIVE_BACKWARD, SHARDED_CHECKPOINT})
+    shard_units: (tuple[type[nn.Module], ...] | int | Callable[[nn.Module], bool] | None) = (
+        attrs.field(default=None, converter=_to_shard_units))
+    reshard_after_forward: bool | int | None = None
+    mixed_precision: MixedPrecisionPolicy | None = None
+    cpu_offload: bool | OffloadPolicy = False
+    activation_checkpointing: bool = False
+    replicate_degree: int | None = None
+    mesh: DeviceMesh | None = None
+    init_fn: Callable[[nn.Module], None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> FSDP:
+        """FSDP with the fsdp_* options of `accel launch` / `accel config`."""
+        return cls(reshard_after_forward=settings.fsdp_reshard_after_forward,
+                   cpu_offload=bool(settings.fsdp_cpu_offload),
+                   activation_checkpointing=bool(settings.fsdp_activation_checkpointing))
+
+
+STRATEGY = FSDP
 
 
 class CheckpointedForward:
@@ -167,12 +232,15 @@ def _check_process_group(ctx: Context) -> None:
 def _mesh(ctx: Context, strategy: Any) -> DeviceMesh:
     if strategy.mesh is not None:
         return strategy.mesh
-    device_type = ctx.device.type
     degree = strategy.replicate_degree
     if degree is None:
-        if ctx.group is not None:
-            return DeviceMesh.from_group(ctx.group, device_type)
-        return init_device_mesh(device_type, (ctx.world_size,))
+        return _data_parallel_mesh(ctx)
+    if not ctx.layout.only_data_parallel or len(ctx.layout.dp_names) > 1:
+        raise IncompatibleOptionsError(
+            f"FSDP(replicate_degree={degree!r}) cannot be combined with the mesh "
+            f"{ctx.layout} of accel.init(mesh=...): give the replicas as the mesh's "
+            "'dp_replicate' dimension instead"
+        )
     if not isinstance(degree, int) or degree < 1 or ctx.world_size % degree:
         raise IncompatibleOptionsError(
             f"FSDP(replicate_degree={degree!r}) must be a positive divisor of the world size "
@@ -183,8 +251,16 @@ def _mesh(ctx: Context, strategy: Any) -> DeviceMesh:
             "FSDP(replicate_degree=...) builds its mesh from the default process group; for "
             "a group of your own build a 2-D DeviceMesh and pass FSDP(mesh=...)"
         )
-    return init_device_mesh(device_type, (degree, ctx.world_size // degree),
+    return init_device_mesh(ctx.device.type, (degree, ctx.world_size // degree),
                             mesh_dim_names=("replicate", "shard"))
+
+
+def _data_parallel_mesh(ctx: Context) -> DeviceMesh:
+    """The data-parallel dimensions of ctx.mesh: 1-D (FSDP) or replicate x shard (HSDP)."""
+    mesh, names = ctx.mesh, ctx.layout.dp_names
+    if tuple(mesh.mesh_dim_names) == names:
+        return mesh
+    return mesh[names]
 
 
 def _mixed_precision(strategy: Any, ctx: Context) -> MixedPrecisionPolicy:
@@ -302,15 +378,21 @@ def _parameter_slots(unit: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter
             if not isinstance(param, DTensor)]
 
 
+#: replaced parameter -> its sharded successor, for `wrap_optimizer` (an optimizer built
+#: before shard_model). Weak: an entry lives as long as something (that optimizer) still
+#: holds the old parameter; by identity, as Tensor.__eq__ is elementwise.
+_SHARDED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def _link_sharded_parameters(slots: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
-    """Mark each replaced parameter with its sharded successor, for `wrap_optimizer`.
+    """Record each replaced parameter's sharded successor, for `wrap_optimizer`.
 
     Unit by unit, so that no list holds the unsharded parameters of the whole model.
     """
     for module, name, original in slots:
         sharded = getattr(module, name)
         if sharded is not original:
-            original._accel_sharded = sharded
+            _SHARDED[original] = sharded
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -324,10 +406,10 @@ def wrap_optimizer(optimizer: Any, ctx: Context) -> Any:
     as its parameter; an optimizer built after shard_model is left as it is.
     """
     for group in optimizer.param_groups:
-        group["params"] = [getattr(param, "_accel_sharded", param) for param in group["params"]]
+        group["params"] = [_SHARDED.get(param, param) for param in group["params"]]
     state = optimizer.state
-    for old in [param for param in state if hasattr(param, "_accel_sharded")]:
-        new = old._accel_sharded
+    for old in [param for param in state if param in _SHARDED]:
+        new = _SHARDED[old]
         state[new] = {key: _shard_like(value, new) for key, value in state.pop(old).items()}
     return optimizer
 
@@ -354,16 +436,6 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     """FSDP2's own switch: without sync, unsharded gradients accumulate locally."""
     _require_fsdp(model, "switching FSDP's gradient sync")
     model.set_requires_gradient_sync(enabled)
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
-    """Clip by the norm of all gradient shards together: the norm of the whole model."""
-    grads = [param.grad for param in model.parameters() if param.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
-    return total
 
 
 def join(model: nn.Module) -> contextlib.AbstractContextManager[None]:

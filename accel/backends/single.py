@@ -5,17 +5,27 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
-from accel.backends import state
+from accel.backends import KEEPS_PARAMETERS, LOCAL_SGD, BuiltinStrategy
+from accel.backends import _state as state
 from accel.context import Context
-
-supports_local_sgd = True
 
 # State dicts go through torch.distributed.checkpoint, the same for every torch engine.
 get_state_dict = state.get_state_dict
 set_state_dict = state.set_state_dict
+
+
+@attrs.frozen
+class Single(BuiltinStrategy):
+    """No parallelism: the model is placed on ctx.device (one process)."""
+
+    capabilities = frozenset({KEEPS_PARAMETERS, LOCAL_SGD})
+
+
+STRATEGY = Single
 
 
 def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:

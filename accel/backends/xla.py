@@ -15,36 +15,74 @@ import math
 import os
 import runpy
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from accel.backends import single, state
+from accel.backends import COLLECTIVE_BACKWARD, BuiltinStrategy, single
+from accel.backends import _state as state
+from accel.backends._optimizer import AccelOptimizer
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError, MissingDependencyError, UnsupportedError
-from accel.optim import AccelOptimizer
-from accel.world import World
+from accel.errors import IncompatibleOptionsError
+from accel.runtime.xla import torch_xla_modules as _torch_xla
 
-supports_local_sgd = False
 # One XLA process has no peers to shadow; multi-process XLA has no Join support.
 join = single.join
 clip_grad_value = single.clip_grad_value
 unwrap_model = single.unwrap_model
-# Marks a gradient already averaged across replicas in this step (clip_grad_norm does it
-# first, to measure the global norm; the step must not average it twice).
-_REDUCED = "_accel_xla_reduced"
+# Gradients already averaged across replicas in this step (clip_grad_norm does it first,
+# to measure the global norm; the step must not average them twice). Weak, by identity.
+_REDUCED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# CPU parameter -> the XLA parameter that replaced it, for `wrap_optimizer` (an optimizer
+# built before shard_model); an entry lives while something still holds the CPU one.
+_MOVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _torch_xla() -> Any:
-    try:
-        import torch_xla
-        import torch_xla.core.xla_model  # noqa: F401
-        import torch_xla.runtime  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError("torch_xla", "xla", "the XLA backend") from exc
-    return torch_xla
+def _to_optional_tuple(value: Any) -> tuple[Any, ...] | None:
+    return None if value is None else tuple(value)
+
+
+@attrs.frozen
+class XLA(BuiltinStrategy):
+    """torch_xla: the model on an XLA device (TPU, or PJRT's CPU device in tests).
+
+    Without a mesh, each process holds a replica (one per TPU core under `accel launch
+    --xla`) and the optimizer step averages gradients across replicas, as
+    `xm.optimizer_step`. With `mesh_shape` or `fsdp`, SPMD: one process drives every
+    device of the host through a device mesh; batches from `distribute_loader` are
+    sharded along their first (batch) dimension over all mesh axes.
+
+    Args:
+        mesh_shape: devices per mesh axis (their product is the device count); default
+            with SPMD: all devices on one axis.
+        axis_names: one name per mesh axis; default ("fsdp",) for one axis, else
+            ("data", "fsdp", ...).
+        fsdp: FSDP-style parameter sharding: dim 0 of every parameter is split over the
+            mesh axis `fsdp_axis` (parameters whose dim 0 does not divide stay replicated).
+        fsdp_axis: the name of the mesh axis parameters are sharded over.
+
+    >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.XLA(fsdp=True))
+    """
+
+    capabilities = frozenset({COLLECTIVE_BACKWARD})
+    mesh_shape: tuple[int, ...] | None = attrs.field(default=None,
+                                                     converter=_to_optional_tuple)
+    axis_names: tuple[str, ...] | None = attrs.field(default=None,
+                                                     converter=_to_optional_tuple)
+    fsdp: bool = False
+    fsdp_axis: str = "fsdp"
+
+    @property
+    def spmd(self) -> bool:
+        """Whether one process drives all devices through a mesh (SPMD)."""
+        return self.fsdp or self.mesh_shape is not None
+
+
+STRATEGY = XLA
 
 
 def _spmd() -> Any:
@@ -52,39 +90,6 @@ def _spmd() -> Any:
     import torch_xla.distributed.spmd as xs
 
     return xs
-
-
-# --------------------------------------------------------------------------- world
-
-
-def runtime_world(env: Mapping[str, str]) -> World:
-    """This process's place among XLA replicas spawned by `xmp.spawn`, from the XLA runtime.
-
-    Outside a spawned replica (no PJRT_LOCAL_PROCESS_COUNT) it is one process, and the
-    runtime is left unstarted: starting it would rule out switching SPMD on later.
-    """
-    if not env.get("PJRT_LOCAL_PROCESS_COUNT"):
-        return World()
-    xr = _torch_xla().runtime
-    size, local = xr.world_size(), xr.local_process_count()
-    return World(rank=xr.global_ordinal(), world_size=size, local_rank=xr.local_ordinal(),
-                 local_world_size=local, node_rank=xr.host_index(),
-                 num_nodes=max(1, size // local), launcher="xla" if size > 1 else "single")
-
-
-def check_multiprocess(world: World) -> None:
-    """Refuse several processes on PJRT's CPU device, which torch_xla cannot connect."""
-    if world.world_size > 1 and _torch_xla().runtime.device_type() == "CPU":
-        raise UnsupportedError(
-            "torch_xla cannot connect several processes on its CPU device (each would "
-            "silently train alone with world size 1); run one process with SPMD "
-            "(CPU_NUM_DEVICES=N and accel.XLA(fsdp=True)), or use device='cpu' with gloo"
-        )
-
-
-def rendezvous(tag: str) -> None:
-    """Block until every XLA replica reaches `tag` (the XLA process group's barrier is a no-op)."""
-    _torch_xla().core.xla_model.rendezvous(tag)
 
 
 def launch_per_device(target: str, args: list[str], *, module: bool = False) -> int:
@@ -141,14 +146,13 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
 
 
 def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move the model; a CPU parameter moved to XLA is a new object, so the old one keeps
-    a link to it for `wrap_optimizer` (an optimizer built before shard_model)."""
+    """Move the model; a CPU parameter moved to XLA is a new object, recorded in _MOVED."""
     before = dict(model.named_parameters())
     model = model.to(device)
     for name, param in model.named_parameters():
         old = before.get(name)
         if old is not None and old is not param:
-            old._accel_xla = param
+            _MOVED[old] = param
     return model
 
 
@@ -201,8 +205,8 @@ class XlaOptimizer(AccelOptimizer):
         reduce_gradients(params)
         result = super()._apply_step(closure)
         for param in params:
-            if param.grad is not None and hasattr(param.grad, _REDUCED):
-                delattr(param.grad, _REDUCED)
+            if param.grad is not None:
+                _REDUCED.pop(param.grad, None)
         # Without the cut, every step would append to one ever-growing lazy graph.
         torch_xla.sync()
         return result
@@ -219,22 +223,22 @@ def reduce_gradients(params: Iterable[torch.Tensor]) -> None:
     """
     torch_xla = _torch_xla()
     count = torch_xla.runtime.world_size()
-    grads = [p.grad for p in params if p.grad is not None and not hasattr(p.grad, _REDUCED)]
+    grads = [p.grad for p in params if p.grad is not None and p.grad not in _REDUCED]
     if count <= 1 or not grads:
         return
     xm = torch_xla.core.xla_model
     xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / count)
     for grad in grads:
-        setattr(grad, _REDUCED, True)
+        _REDUCED[grad] = True
 
 
 def wrap_optimizer(optimizer: AccelOptimizer, ctx: Context) -> AccelOptimizer:
     """Point an optimizer built before shard_model at the XLA parameters; step as XLA does."""
     inner = optimizer.optimizer
     for group in inner.param_groups:
-        group["params"] = [getattr(param, "_accel_xla", param) for param in group["params"]]
-    for old in [param for param in inner.state if hasattr(param, "_accel_xla")]:
-        new = old._accel_xla
+        group["params"] = [_MOVED.get(param, param) for param in group["params"]]
+    for old in [param for param in inner.state if param in _MOVED]:
+        new = _MOVED[old]
         # Scalars (Adam's step count) stay on the CPU, where torch.optim keeps them.
         inner.state[new] = {key: value.to(new.device) if torch.is_tensor(value) and value.dim()
                             else value for key, value in inner.state.pop(old).items()}

@@ -26,7 +26,6 @@ from typing import Any
 import attrs
 import torch
 
-from accel import ops
 from accel.checkpoint.files import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -43,6 +42,7 @@ from accel.errors import (
     InvalidArgumentError,
     UnsupportedError,
 )
+from accel.runtime import ops
 
 FORMAT = "accel-checkpoint"
 FORMAT_VERSION = 1

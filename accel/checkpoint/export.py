@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from accel.backends import backend_for
+from accel.backends import ENGINE_HOLDS_WEIGHTS, backend_for, has_capability
 from accel.checkpoint.files import output_folder, replacing
 from accel.checkpoint.ties import alias_groups, identity, kept_names
 from accel.checkpoint.weights import (
@@ -35,7 +35,7 @@ from accel.checkpoint.weights import (
 from accel.context import Context
 from accel.errors import AccelError, InvalidArgumentError
 from accel.inference.memory import parse_size
-from accel.process import any_rank
+from accel.runtime.process import any_rank
 
 __all__ = ["INDEX_NAME", "WEIGHTS_NAME", "LoadResult", "load_model", "save_model"]
 
@@ -115,7 +115,7 @@ def _full_state_source(model: nn.Module, module: nn.Module, ctx: Context
     """The tensors to write, and how to get each one whole (None on ranks that do not write)."""
     live = module.state_dict(keep_vars=True)
     kept = kept_names(module, live)
-    if ctx.backend == "deepspeed":
+    if has_capability(ctx, ENGINE_HOLDS_WEIGHTS):
         # ZeRO's master weights are flat partitions: the backend gathers them (rank 0 keeps
         # one full copy; the others receive nothing).
         full, _ = backend_for(ctx).get_state_dict(model, None, full=True)
@@ -177,7 +177,7 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
         )
     for name, source in source_of.items():
         sources.check_shape(source, name, tuple(targets[name].shape))
-    if ctx.backend == "deepspeed":
+    if has_capability(ctx, ENGINE_HOLDS_WEIGHTS):
         full = {name: sources.read(src) for name, src in source_of.items()} if ctx.rank == 0 else {}
         backend_for(ctx).set_state_dict(model, None, full, None, full=True)
         return result

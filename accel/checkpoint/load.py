@@ -22,7 +22,7 @@ from accel.checkpoint.parts import read_part, read_sharded_part, set_rng_state
 from accel.checkpoint.ties import drop_aliases, restore_aliases
 from accel.context import Context
 from accel.errors import CheckpointNotFoundError, IncompatibleOptionsError, UnsupportedError
-from accel.optim import AccelOptimizer
+from accel.transforms.optim import AccelOptimizer
 
 
 def load_state(

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from accel.backends import backend_for
+from accel.backends import SHARDED_CHECKPOINT, backend_for, has_capability
 from accel.checkpoint.common import (
     FORMAT,
     FORMAT_VERSION,
@@ -36,7 +36,7 @@ from accel.checkpoint.parts import rng_state, write_part, write_sharded_part
 from accel.checkpoint.ties import drop_aliases, tied_aliases
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, InvalidArgumentError
-from accel.optim import AccelOptimizer
+from accel.transforms.optim import AccelOptimizer
 
 
 def save_state(
@@ -71,7 +71,7 @@ def save_state(
     check_extras(extra, "save_state")
     _check_at_boundary(optimizer)
     final, tmp = on_main(ctx, lambda: _begin(path), "preparing the checkpoint directory")
-    sharded = bool(getattr(backend_for(ctx), "checkpoint_sharded", False))
+    sharded = has_capability(ctx, SHARDED_CHECKPOINT)
     error, saved, written = None, {}, {}
     try:
         saved, written = _write_all(tmp, ctx, model, optimizer, scheduler, loader, rng, step,

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from accel.cli import settings
-from accel.cli.settings import BY_NAME, PRECISIONS, STRATEGIES
 from accel.errors import AccelError, LaunchEnvironmentError
+from accel.transforms import settings
+from accel.transforms.settings import BY_NAME, PRECISIONS, STRATEGIES
 
 HEADER = "# accel run settings, written by `accel config`; see docs/configuration.md\n"
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import attrs
 
-from accel.cli import settings
 from accel.errors import AccelError, LaunchEnvironmentError
+from accel.transforms import settings
 from accel.world import detect_world
 
 # Distributions whose versions matter in a report; optional ones may be missing.

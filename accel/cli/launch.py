@@ -1,7 +1,7 @@
 """`accel launch`: start the processes of a run through torch's elastic launcher (torchrun).
 
 accel does not manage processes itself: it resolves its options (command line > ACCEL_*
-variable > config file > defaults, see accel.cli.settings), turns them into
+variable > config file > defaults, see accel.transforms.settings), turns them into
 `torch.distributed.run` arguments, and runs the user's script through `accel.cli._worker`,
 which fails a rank that never joined the others.
 """
@@ -18,8 +18,8 @@ from typing import Any
 
 import attrs
 
-from accel.cli import settings
 from accel.errors import LaunchEnvironmentError
+from accel.transforms import settings
 
 WORKER_MODULE = "accel.cli._worker"
 
@@ -41,7 +41,7 @@ class LaunchOptions:
     allow_unconnected: bool = False
 
 
-# The launch options among all settings (accel.cli.settings); the rest go to the script.
+# The launch options among all settings (accel.transforms.settings); the rest go to the script.
 _OPTION_NAMES = tuple(field.name for field in attrs.fields(LaunchOptions))
 
 def launch_options(resolved: settings.Resolved) -> LaunchOptions:

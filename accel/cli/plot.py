@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from accel.plot import HEIGHT, WIDTH, plot_metrics
+from accel.tracking.plot import HEIGHT, WIDTH, plot_metrics
 
 
 def add_parser(subparsers: Any) -> None:

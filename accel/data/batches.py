@@ -14,7 +14,7 @@ import attrs
 import torch
 
 from accel.errors import UnsupportedError
-from accel.ops import recursively_apply
+from accel.runtime.ops import recursively_apply
 
 _PLAIN = (str, bytes, int, float, bool, complex, type(None))
 

@@ -37,12 +37,12 @@ class DispatchPlan:
     def __init__(self, loader: DataLoader, ctx: Context, *, seed: int, split_batches: bool,
                  even_batches: bool, device: torch.device):
         kind = IterableShardPlan if isinstance(loader.dataset, IterableDataset) else MapShardPlan
-        self.source = kind(loader, ctx.world_size, None, seed=seed,
+        self.source = kind(loader, ctx.dp_size, None, seed=seed,
                            split_batches=split_batches, even_batches=even_batches)
         self.dataloader = self.source.dataloader
         self.ctx = ctx
         self.split_batches = split_batches
-        self.per_rank_batch_size = (loader.batch_size // ctx.world_size if split_batches
+        self.per_rank_batch_size = (loader.batch_size // ctx.dp_size if split_batches
                                     else loader.batch_size)
         #: where received tensors live (rank 0 moves its batches there before sending).
         self.device = device
@@ -64,7 +64,7 @@ class DispatchPlan:
         steps = self._steps(epoch, skip)
         current = next(steps, None)
         if current is None:  # an empty epoch still needs one message, or the others wait
-            self._exchange(None, [0] * self.ctx.world_size, 0, last=True)
+            self._exchange(None, [0] * self.ctx.dp_size, 0, last=True)
             return
         while current is not None:
             upcoming = next(steps, None)  # look ahead: the header says which step is last
@@ -78,7 +78,7 @@ class DispatchPlan:
             current = upcoming
 
     def _steps(self, epoch: int, skip: int) -> Iterator[_Step]:
-        n = self.ctx.world_size
+        n = self.ctx.dp_size
         pairs = self.source.iterate(epoch, skip if self.split_batches else skip * n)
         if self.split_batches:
             size = self.per_rank_batch_size
@@ -107,7 +107,7 @@ class DispatchPlan:
                   last: bool) -> tuple[Any, int, bool]:
         """One step's broadcast; rank 0 passes the step, the others None. Returns this
         rank's slice (None when it has no samples), the padding and whether it was last."""
-        from accel.ops import broadcast, broadcast_object, send_to_device
+        from accel.runtime.ops import broadcast, broadcast_object, send_to_device
 
         ctx = self.ctx
         header = None
@@ -121,7 +121,9 @@ class DispatchPlan:
         received = broadcast(batch if ctx.rank == 0 else allocate(spec, self.device), ctx, src=0)
         if ctx.rank == 0:
             received = batch  # broadcast returned a copy; rank 0 keeps its own tensors
-        if not lengths[ctx.rank]:
+        # Ranks of one data-parallel group (tp, cp peers) take the same slice.
+        rank = ctx.dp_rank
+        if not lengths[rank]:
             return None, padding, last
-        start = sum(lengths[:ctx.rank])
-        return slice_batch(received, start, start + lengths[ctx.rank]), padding, last
+        start = sum(lengths[:rank])
+        return slice_batch(received, start, start + lengths[rank]), padding, last

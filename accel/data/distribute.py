@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.weak import WeakIdKeyDictionary
 
+from accel.backends import COLLECTIVE_BACKWARD, has_capability
 from accel.context import Context
 from accel.data.dispatch import DispatchPlan
 from accel.data.iterable import IterableShard
@@ -20,8 +22,9 @@ from accel.errors import (
     UnsupportedError,
 )
 
-# Set on a user's DataLoader once distributed, so a second call is caught.
-_MARK = "_accel_distributed"
+# The user's DataLoaders already distributed, so that a second call is refused without
+# marking them; weak, so an entry goes with its loader.
+_DISTRIBUTED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def distribute_loader(
@@ -36,6 +39,10 @@ def distribute_loader(
     non_blocking: bool | None = None,
 ) -> tuple[DistributedLoader, Context]:
     """Give each rank its share of `loader`'s batches, moved to `ctx.device`.
+
+    The DataLoader passed is left as it is; passing it again is refused. On a mesh
+    (`accel.init(mesh=...)`) the batches are shared out by data-parallel rank: the ranks
+    of one data-parallel group (tp, cp, pp peers) get the same batches.
 
     The loader is rebuilt over a sharded batch sampler (map-style datasets: batches go
     round-robin to the ranks) or a sharded stream (iterable datasets: each rank keeps its
@@ -89,14 +96,14 @@ def distribute_loader(
     options = dict(seed=seed, split_batches=split_batches, even_batches=even_batches)
     distributed = DistributedLoader(
         _plan(loader, ctx, dispatch_batches, device_placement, options),
-        rank=ctx.rank, world_size=ctx.world_size,
+        rank=ctx.dp_rank, world_size=ctx.dp_size,
         device=ctx.device if device_placement else None,
         non_blocking=loader.pin_memory if non_blocking is None else non_blocking,
         batch_size=_per_rank_batch_size(loader, ctx, split_batches),
         dispatch_batches=dispatch_batches, dataset=loader.dataset,
-        guard_uneven=ctx.backend != "single", feed=_device_feed(ctx, device_placement,
-                                                                dispatch_batches), **options)
-    setattr(loader, _MARK, True)
+        guard_uneven=has_capability(ctx, COLLECTIVE_BACKWARD),
+        feed=_device_feed(ctx, device_placement, dispatch_batches), **options)
+    _DISTRIBUTED[loader] = True
     non_defaults = [f"{name}={value}" for name, value, default in (
         ("split_batches", split_batches, False), ("even_batches", even_batches, True),
         ("dispatch_batches", dispatch_batches, False),
@@ -112,8 +119,8 @@ def _plan(loader: DataLoader, ctx: Context, dispatch_batches: bool, device_place
         device = ctx.device if device_placement else torch.device("cpu")
         return DispatchPlan(loader, ctx, device=device, **options)
     if isinstance(loader.dataset, IterableDataset):
-        return IterableShardPlan(loader, ctx.world_size, ctx.rank, **options)
-    return MapShardPlan(loader, ctx.world_size, ctx.rank, **options)
+        return IterableShardPlan(loader, ctx.dp_size, ctx.dp_rank, **options)
+    return MapShardPlan(loader, ctx.dp_size, ctx.dp_rank, **options)
 
 
 def _device_feed(ctx: Context, device_placement: bool, dispatch_batches: bool) -> Any:
@@ -129,7 +136,7 @@ def _per_rank_batch_size(loader: DataLoader, ctx: Context, split_batches: bool) 
     size = _batch_size(loader)
     if size is None or not split_batches:
         return size
-    return size // ctx.world_size
+    return size // ctx.dp_size
 
 
 def _batch_size(loader: DataLoader) -> int | None:
@@ -139,7 +146,7 @@ def _batch_size(loader: DataLoader) -> int | None:
 
 
 def _check_loader(loader: Any, ctx: Context, *, split_batches: bool) -> None:
-    if isinstance(loader, DistributedLoader) or getattr(loader, _MARK, False) or isinstance(
+    if isinstance(loader, DistributedLoader) or loader in _DISTRIBUTED or isinstance(
             getattr(loader, "dataset", None), IterableShard) or isinstance(
             getattr(loader, "batch_sampler", None), ShardedBatchSampler):
         raise TransformOrderError(
@@ -174,7 +181,7 @@ def _check_loader(loader: Any, ctx: Context, *, split_batches: bool) -> None:
             "epoch would repeat the first one's stream; build it with persistent_workers=False"
         )
     if split_batches:
-        _check_split(_batch_size(loader), ctx.world_size)
+        _check_split(_batch_size(loader), ctx.dp_size)
 
 
 def _check_split(batch_size: int | None, world_size: int) -> None:
@@ -194,10 +201,11 @@ def _check_split(batch_size: int | None, world_size: int) -> None:
 def skip_first_batches(loader: Any, num_batches: int) -> Any:
     """Leave out the first `num_batches` batches of the next epoch only (mid-epoch resume).
 
-    A DistributedLoader is repositioned in place and returned (objects linked to it, such
-    as gradient accumulation, keep working); its batch-level skip reads no data for
-    map-style datasets. A plain DataLoader is rebuilt: over a skipping batch sampler when
-    it has one (no data read), else a loader that reads and drops those batches.
+    (in place) A DistributedLoader is repositioned and returned, the same object (objects
+    linked to it, such as gradient accumulation, keep working); its batch-level skip
+    reads no data for map-style datasets. A plain DataLoader is left as it is and a
+    rebuilt one returned: over a skipping batch sampler when it has one (no data read),
+    else a loader that reads and drops those batches.
 
     >>> loader = accel.skip_first_batches(loader, 2)
     """

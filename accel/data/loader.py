@@ -169,7 +169,7 @@ class DistributedLoader:
         pair = next(stream, _END)
         if pair is _END or self.device is None or self._feed is not None:
             return pair
-        from accel.ops import send_to_device
+        from accel.runtime.ops import send_to_device
 
         batch, padding = pair
         return send_to_device(batch, self.device, non_blocking=self.non_blocking), padding

@@ -46,7 +46,7 @@ def gather_for_metrics(data: Any, ctx: Context, loader: DistributedLoader) -> An
 
 
 def _gather(data: Any, ctx: Context, padding: int, uneven: bool) -> Any:
-    from accel.ops import gather_object
+    from accel.runtime.ops import gather_object
 
     if _holds_no_tensor(data):
         gathered = gather_object(data, ctx)
@@ -68,11 +68,11 @@ def _gather(data: Any, ctx: Context, padding: int, uneven: bool) -> Any:
 
 def _gather_tensor(tensor: torch.Tensor, ctx: Context, padding: int,
                    uneven: bool) -> torch.Tensor:
-    from accel.ops import gather, pad_across_processes
+    from accel.runtime.ops import gather, pad_across_processes
 
     if tensor.dim() == 0:
         return gather(tensor, ctx)  # one value per rank, not per sample: nothing to drop
-    if uneven and ctx.is_distributed:
+    if uneven and ctx.dp_size > 1:
         lengths = gather(torch.tensor([tensor.shape[0]], device=tensor.device), ctx).tolist()
         padded = gather(pad_across_processes(tensor, ctx), ctx)
         width = max(lengths)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from accel.errors import InvalidArgumentError, TransformOrderError
 from accel.inference.blocks import all_tensors, iter_blocks, no_split_classes, owner_entry
@@ -37,7 +39,6 @@ from accel.inference.memory import (
 from accel.inference.offload import map_safetensors, write_safetensors
 from accel.inference.units import CopyLoader, DispatchStats, MappedLoader, Schedule, Unit
 
-STATE_ATTRIBUTE = "_accel_dispatch"  # where a dispatched model keeps its _Dispatch
 # Disk blocks stay mapped between uses (release_after_use=None) while they all fit in
 # this part of the available RAM: the page cache can then hold them from one pass to the
 # next, and mapping them again every pass would only cost time.
@@ -54,6 +55,17 @@ class _Dispatch:
     handles: list[RemovableHandle]
 
 
+#: dispatched model -> a weak reference to its _Dispatch, which the model's own root hook
+#: holds (FSDP2 keeps its state so): nothing is set on the model, and this table keeps
+#: neither alive (the state may hold the model itself, as a unit).
+_DISPATCHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _state_of(model: nn.Module) -> _Dispatch | None:
+    link = _DISPATCHED.get(model)
+    return link() if link is not None else None
+
+
 def dispatch_model(model: nn.Module, device_map: Mapping[str, DeviceLike],
                    offload_dir: str | os.PathLike[str] | None = None, *,
                    main_device: DeviceLike | None = None, prefetch: int = 2,
@@ -61,9 +73,10 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, DeviceLike],
                    release_after_use: bool | None = None) -> nn.Module:
     """Place `model`'s blocks as `device_map` says and hook them to run there; returns it.
 
-    The model is modified in place (like FSDP2's `fully_shard`). Blocks mapped to "disk"
-    are written to `offload_dir` as safetensors files and replaced by memory-mapped views
-    of them, which frees their memory.
+    (in place) The model is modified, not copied, as FSDP2's `fully_shard` modifies it:
+    its tensors move, its modules get forward hooks (`remove_dispatch` takes them away),
+    and the parameters of blocks mapped to "disk" are written to `offload_dir` as
+    safetensors files and replaced by memory-mapped views of them, which frees their memory.
 
     Args:
         device_map: module (or tensor) name -> 0 / "cuda:1" / "cpu" / "disk"; the output
@@ -109,14 +122,14 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
 
     >>> model = accel.remove_dispatch(model)
     """
-    state = getattr(model, STATE_ATTRIBUTE, None)
+    state = _state_of(model)
     if state is None:
         raise TransformOrderError("remove_dispatch: this model was not dispatched "
                                   "(dispatch_model / load_checkpoint_and_dispatch)")
     state.schedule.close()
     for handle in state.handles:
         handle.remove()
-    delattr(model, STATE_ATTRIBUTE)
+    del _DISPATCHED[model]
     return model
 
 
@@ -126,7 +139,7 @@ def dispatch_stats(model: nn.Module) -> DispatchStats:
     >>> accel.dispatch_stats(model).prefetched
     48
     """
-    state = getattr(model, STATE_ATTRIBUTE, None)
+    state = _state_of(model)
     if state is None:
         raise TransformOrderError("dispatch_stats: this model was not dispatched")
     return state.schedule.stats
@@ -134,7 +147,7 @@ def dispatch_stats(model: nn.Module) -> DispatchStats:
 
 def dispatched_device_map(model: nn.Module) -> dict[str, str] | None:
     """The device map a dispatched model runs with, or None when it is not dispatched."""
-    state = getattr(model, STATE_ATTRIBUTE, None)
+    state = _state_of(model)
     return dict(state.device_map) if state is not None else None
 
 
@@ -150,7 +163,7 @@ def _validated(model: nn.Module, device_map: Mapping[str, DeviceLike], prefetch:
 
 
 def raise_if_dispatched(model: nn.Module) -> None:
-    if hasattr(model, STATE_ATTRIBUTE):
+    if _state_of(model) is not None:
         raise TransformOrderError("this model is already dispatched; call "
                                   "accel.remove_dispatch(model) first")
 
@@ -255,7 +268,9 @@ def attach_dispatch(model: nn.Module, entries: dict[str, str], execution: torch.
     run_on = {name: device if is_accelerator(device) else str(execution)
               for name, device in entries.items()}
     move_inputs = len(set(run_on.values())) > 1
-    handles = _hook_root(model, schedule, move_inputs)
+    state = _Dispatch(dict(entries), execution, schedule, handles=[])
+    handles = state.handles
+    handles.extend(_hook_root(model, state, move_inputs))
     modules = dict(model.named_modules(remove_duplicate=False))
     if move_inputs:
         for name, device in run_on.items():
@@ -267,20 +282,21 @@ def attach_dispatch(model: nn.Module, entries: dict[str, str], execution: torch.
             lambda module, args, kwargs, unit=unit: schedule.enter(unit), with_kwargs=True))
         handles.append(unit.module.register_forward_hook(
             lambda module, args, output, unit=unit: schedule.leave(unit), always_call=True))
-    setattr(model, STATE_ATTRIBUTE, _Dispatch(dict(entries), execution, schedule, handles))
+    _DISPATCHED[model] = weakref.ref(state)
     return model
 
 
-def _hook_root(model: nn.Module, schedule: Schedule, move_outputs: bool
+def _hook_root(model: nn.Module, state: _Dispatch, move_outputs: bool
                ) -> list[RemovableHandle]:
+    # These hooks hold the state: it lives as long as the model keeps them.
     input_devices: list[torch.device | None] = []
 
     def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        schedule.start_pass()
+        state.schedule.start_pass()
         input_devices.append(_first_device((args, kwargs)) if move_outputs else None)
 
     def finish(module: nn.Module, args: tuple, output: Any) -> Any:
-        schedule.end_pass()
+        state.schedule.end_pass()
         device = input_devices.pop() if input_devices else None
         return _move(output, device) if device is not None else None
 

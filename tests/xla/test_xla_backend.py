@@ -109,7 +109,7 @@ def test_init_refuses_several_xla_processes_on_the_cpu_device():
 def test_bad_mesh_is_refused_with_the_fix(strategy):
     config = ("XLA(fsdp=True, mesh_shape=(2,), axis_names=('data',))" if strategy == "fsdp"
               else "XLA(mesh_shape=(3,))")
-    code = ("import torch, accel, accel.errors as e\nfrom accel.sharding import XLA\n"
+    code = ("import torch, accel, accel.errors as e\nfrom accel import XLA\n"
             "ctx = accel.init(device='xla')\n"
             f"try:\n    accel.shard_model(torch.nn.Linear(2, 2), ctx, strategy={config})\n"
             "except e.IncompatibleOptionsError as exc:\n    print('refused:', exc)\n")

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import accel
+from accel import XLA
 from accel.backends import backend_for, xla
-from accel.sharding import XLA
 
 
 def make_model() -> nn.Module:

@@ -40,13 +40,14 @@ import torch.distributed as dist
 from torch import nn
 
 from accel.backends import collect_engine_cycles_at_exit
+from accel.backends._optimizer import AccelOptimizer
 from accel.backends.deepspeed.checkpoint import (
     checkpoint_to_fp32,
     load_checkpoint,
     save_checkpoint,
     save_fp32_weights,
 )
-from accel.backends.deepspeed.config import explicit_clipping
+from accel.backends.deepspeed.config import DeepSpeed, explicit_clipping
 from accel.backends.deepspeed.engine import (
     DeepSpeedModel,
     DeepSpeedOptimizer,
@@ -62,10 +63,13 @@ from accel.backends.deepspeed.full_state import (
 )
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError, UnsupportedError
-from accel.optim import AccelOptimizer
+
+#: the strategy this engine implements (`accel.DeepSpeed`).
+STRATEGY = DeepSpeed
 
 __all__ = [
-    "DeepSpeedModel", "DeepSpeedOptimizer", "backward", "checkpoint_to_fp32", "clip_grad_norm",
+    "STRATEGY", "DeepSpeed", "DeepSpeedModel", "DeepSpeedOptimizer", "backward",
+    "checkpoint_to_fp32", "clip_grad_norm",
     "deepspeed_init", "get_state_dict", "join", "load_checkpoint", "save_checkpoint",
     "save_fp32_weights", "set_grad_sync", "set_state_dict", "unwrap_model", "wrap_model",
     "wrap_optimizer",
@@ -151,7 +155,6 @@ def clip_grad_value(model: nn.Module, clip_value: float) -> None:
     )
 
 
-supports_local_sgd = False
 
 
 def join(model: nn.Module) -> Any:

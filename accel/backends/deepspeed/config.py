@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from accel.backends import COLLECTIVE_BACKWARD, ENGINE_HOLDS_WEIGHTS, BuiltinStrategy
 from accel.errors import IncompatibleOptionsError, UnsupportedError
 
 AUTO = "auto"
@@ -210,3 +211,52 @@ def _settle_loss_scaling(config: dict[str, Any], scaler: Any) -> None:
            f"{source} (growth_interval={scaler.get_growth_interval()})")
     # torch halves the scale at the first overflow; DeepSpeed's default waits for two.
     settle(config, "fp16.hysteresis", 1, f"{source} (halves the scale at every overflow)")
+
+
+def _check_deepspeed_stage(instance: Any, attribute: Any, value: int | None) -> None:
+    if value not in (None, 1, 2, 3):
+        raise IncompatibleOptionsError(
+            f"DeepSpeed stage must be 1 (optimizer state partitioned), 2 (+ gradients) or "
+            f"3 (+ parameters), got {value!r}"
+        )
+
+
+@attrs.frozen
+class DeepSpeed(BuiltinStrategy):
+    """DeepSpeed ZeRO: optimizer state (stage 1), gradients (2) and parameters (3) partitioned.
+
+    `shard_model` wraps the model; `wrap_optimizer` links the optimizer to it; the engine
+    (`deepspeed.initialize`) is built at the model's first forward, once accumulation
+    and batch size are known. The loop stays the one of every other strategy:
+    `accel.backward`, `optimizer.step()`, `optimizer.zero_grad()`, `accel.clip_grad_norm`
+    go through the engine.
+
+    One source of truth: precision (with_amp), gradient accumulation (accumulate_grads),
+    clipping (clip_grad_norm), batch size (the loader linked to accumulate_grads, else the
+    first forward's batch) and fp16 loss scaling (the GradScaler of wrap_optimizer) are
+    written into the DeepSpeed config. `config` adds everything else; where it sets one
+    of those to another value an error names both ("auto" is filled in).
+
+    Args:
+        stage: ZeRO stage 1, 2 or 3; None: the config's, else 2.
+        offload_optimizer: keep optimizer state and fp32 master weights on the CPU.
+        offload_params: keep partitioned parameters on the CPU (stage 3 only).
+        config: a DeepSpeed config dict or JSON file path (zero_optimization tuning,
+            communication settings, ...). None: accel's settings alone.
+
+    >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.DeepSpeed(stage=3))
+    """
+
+    capabilities = frozenset({COLLECTIVE_BACKWARD, ENGINE_HOLDS_WEIGHTS})
+    stage: int | None = attrs.field(default=None, validator=_check_deepspeed_stage)
+    offload_optimizer: bool | None = None
+    offload_params: bool | None = None
+    # A dict does not hash: compared, but left out of the hash of the frozen config.
+    config: Any = attrs.field(default=None, hash=False)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DeepSpeed:
+        """DeepSpeed with the deepspeed_* options of `accel launch` / `accel config`."""
+        return cls(stage=settings.deepspeed_stage,
+                   offload_optimizer=settings.deepspeed_offload_optimizer,
+                   offload_params=settings.deepspeed_offload_params)

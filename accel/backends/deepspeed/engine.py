@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
+from accel.backends._optimizer import AccelOptimizer
 from accel.backends.deepspeed.config import (
     Facts,
     engine_config,
@@ -33,11 +35,12 @@ from accel.errors import (
     TransformOrderError,
     UnsupportedError,
 )
-from accel.optim import AccelOptimizer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
-#: attribute by which a parameter names the DeepSpeedModel that holds it (a weak reference).
-LINK = "_accel_deepspeed_model"
+#: user's parameter -> a weak reference to the DeepSpeedModel that holds it, for
+#: wrap_optimizer. Weak both ways: the wrapper holds the parameters, and neither is kept
+#: alive by this table.
+_MODEL_OF: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def import_deepspeed() -> Any:
@@ -273,12 +276,12 @@ def wrap(model: nn.Module, ctx: Context, strategy: Any) -> DeepSpeedModel:
     wrapper = DeepSpeedModel(model, ctx, strategy, user)
     link = weakref.ref(wrapper)
     for param in model.parameters():
-        setattr(param, LINK, link)
+        _MODEL_OF[param] = link
     return wrapper
 
 
 def _linked_model(param: torch.Tensor) -> DeepSpeedModel | None:
-    link = getattr(param, LINK, None)
+    link = _MODEL_OF.get(param)
     return link() if link is not None else None
 
 
@@ -362,7 +365,7 @@ def deepspeed_init(ctx: Context, strategy: Any = None, *,
     ...     model = BigModel()
     >>> model, ctx = accel.with_amp(model, ctx, dtype="bf16")
     """
-    from accel.sharding import DeepSpeed
+    from accel.backends.deepspeed.config import DeepSpeed
 
     strategy = strategy if strategy is not None else DeepSpeed(stage=3)
     deepspeed = import_deepspeed()

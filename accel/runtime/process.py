@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from accel.context import Context
 from accel.errors import InvalidArgumentError
-from accel.ops import reduce
+from accel.runtime.ops import reduce
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,8 +28,8 @@ def wait_for_everyone(ctx: Context) -> None:
 
     >>> accel.wait_for_everyone(ctx)
     """
-    if ctx.is_distributed and ctx.dist_backend == "xla":
-        from accel.backends.xla import rendezvous
+    if ctx.is_distributed and ctx.device.type == "xla":
+        from accel.runtime.xla import rendezvous
 
         rendezvous("accel.wait_for_everyone")  # torch_xla's dist.barrier does nothing
     elif ctx.is_distributed:

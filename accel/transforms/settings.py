@@ -18,7 +18,8 @@ from typing import Any
 
 import attrs
 
-from accel.errors import IncompatibleOptionsError, LaunchEnvironmentError, UnsupportedError
+from accel.backends import builtin_names, strategy_class
+from accel.errors import IncompatibleOptionsError, LaunchEnvironmentError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +30,8 @@ CONFIG_FILE_VARIABLE = "ACCEL_CONFIG_FILE"
 DEFAULT = "default"
 #: the source of the environment layer; each value's source is then its variable's name.
 ENVIRONMENT = "the environment"
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed", "xla")
+#: the strategies a name selects (accel.Custom needs a function, not a name).
+STRATEGIES = tuple(name for name in builtin_names() if name != "custom")
 PRECISIONS = ("no", "fp16", "bf16", "fp8")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -305,25 +307,9 @@ class TrainingSettings:
     def strategy_config(self) -> Any:
         """The strategy object for `shard_model` (`accel.FSDP(cpu_offload=True)`, ...);
         None when no strategy was set (shard_model then picks its default)."""
-        from accel import sharding
-
         if self.strategy is None:
             return None
-        if self.strategy == "deepspeed":
-            return sharding.DeepSpeed(stage=self.deepspeed_stage,
-                                      offload_optimizer=self.deepspeed_offload_optimizer,
-                                      offload_params=self.deepspeed_offload_params)
-        if self.strategy == "fsdp":
-            return sharding.FSDP(reshard_after_forward=self.fsdp_reshard_after_forward,
-                                 cpu_offload=bool(self.fsdp_cpu_offload),
-                                 activation_checkpointing=bool(
-                                     self.fsdp_activation_checkpointing))
-        by_name = {"single": "Single", "ddp": "DDP", "xla": "XLA"}
-        config_class = getattr(sharding, by_name[self.strategy], None)
-        if config_class is None:
-            raise UnsupportedError(f"strategy {self.strategy!r} is not available in this "
-                                   "version of accel; choose ddp, fsdp or deepspeed")
-        return config_class()
+        return strategy_class(self.strategy).from_settings(self)
 
 
 def training_settings(env: Mapping[str, str] | None = None) -> TrainingSettings:

@@ -19,9 +19,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
+from accel.backends._optimizer import AccelOptimizer
 from accel.errors import InvalidArgumentError
-from accel.optim import AccelOptimizer
 
 
 def get_state_dict(
@@ -86,3 +87,13 @@ def _copy_containers(value: Any) -> Any:
     if isinstance(value, list):
         return [_copy_containers(item) for item in value]
     return value
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
+    """Clip by the norm of all gradients, DTensor shards included: the whole model's norm."""
+    grads = [param.grad for param in model.parameters() if param.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+    return total

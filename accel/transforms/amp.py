@@ -51,7 +51,13 @@ def _to_fp32(data: Any) -> Any:
 def with_amp(
     model: nn.Module, ctx: Context, *, dtype: str = "bf16", fp32_outputs: bool = True
 ) -> tuple[nn.Module, Context]:
-    """Run the model's forward in mixed precision; record the precision in the Context.
+    """Run the model's forward in mixed precision (in place); record the precision.
+
+    The model is modified, not copied, as FSDP2's `fully_shard` modifies it: its
+    `forward` becomes an `AutocastForward` around the old one (`model.forward =
+    model.forward.forward` undoes it), and under fp8 its eligible nn.Linear layers become
+    torchao's Float8Linear. The returned model is that same module, except under fp8 for
+    a model that is itself one nn.Linear, which is replaced: use the returned model.
 
     Args:
         dtype: "bf16" or "fp16" (autocast; fp16 gets a real gradient scaler from
@@ -60,9 +66,12 @@ def with_amp(
         fp32_outputs: convert floating outputs back to fp32 (losses computed outside the
             model stay in full precision).
 
-    Apply it before shard_model and wrap_optimizer. Parameters stay fp32 (the master
-    copy); only the forward's computation is lowered. Use the returned model: under fp8
-    a model that is itself one nn.Linear is replaced by torchao's Float8Linear.
+    Apply it once, before shard_model and wrap_optimizer. Parameters stay fp32 (the
+    master copy); only the forward's computation is lowered.
+
+    Raises:
+        TransformOrderError: with_amp was already applied to this Context or this model
+            (a module of it already runs accel's autocast forward), or comes too late.
 
     >>> model, ctx = accel.with_amp(model, ctx, dtype="bf16")
     """
@@ -70,6 +79,7 @@ def with_amp(
         raise IncompatibleOptionsError(f"dtype must be one of {PRECISIONS}, got {dtype!r}")
     if ctx.was_applied("with_amp"):
         raise TransformOrderError("with_amp was already applied; apply it once")
+    _check_not_autocast(model)
     for later in ("shard_model", "wrap_optimizer"):
         if ctx.was_applied(later):
             raise TransformOrderError(
@@ -84,6 +94,17 @@ def with_amp(
     model.forward = AutocastForward(model.forward, ctx.device.type, _AUTOCAST_DTYPES[dtype],
                                     fp32_outputs)
     return model, ctx.record(f"with_amp({dtype})", precision=dtype)
+
+
+def _check_not_autocast(model: nn.Module) -> None:
+    # The Context cannot catch a second with_amp under a fresh Context: the model can.
+    for name, module in model.named_modules():
+        if isinstance(module.__dict__.get("forward"), AutocastForward):
+            where = f"its module {name!r}" if name else "it"
+            raise TransformOrderError(
+                f"with_amp was already applied to this model ({where} runs accel's "
+                "autocast forward, perhaps under another Context); apply it once"
+            )
 
 
 def _check_supported(dtype: str, device: torch.device) -> None:

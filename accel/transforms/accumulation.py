@@ -16,7 +16,7 @@ from torch import nn
 from accel.backends import backend_for
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError
-from accel.optim import AccelOptimizer
+from accel.transforms.optim import AccelOptimizer
 
 
 class GradientAccumulation:
@@ -45,9 +45,9 @@ class GradientAccumulation:
         return boundary
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        # The engines read the sync switch at forward time (DDP prepares its reducer then).
-        if getattr(module, "_accel_no_sync_depth", 0) == 0:
-            self._backend.set_grad_sync(module, self.sync_each_batch or self.is_boundary)
+        # The engines read the sync switch at forward time (DDP prepares its reducer then);
+        # inside no_sync, its own hook runs after this one and switches sync off again.
+        self._backend.set_grad_sync(module, self.sync_each_batch or self.is_boundary)
 
     def state_dict(self) -> dict[str, int]:
         return {"micro_step": self.micro_step}
@@ -70,6 +70,10 @@ def accumulate_grads(
     sync_each_batch: bool = False,
 ) -> tuple[nn.Module, AccelOptimizer, Context]:
     """Update the parameters once every `steps` micro-batches (and at the loader's end).
+
+    (in place) The model gets a forward pre-hook that switches gradient sync on or off
+    before each forward; `optimizer.accumulation.remove()` takes it away. The optimizer
+    returned is the one passed, holding the micro-step counter (`optimizer.accumulation`).
 
     Call `accel.backward`, `optimizer.step()` and `optimizer.zero_grad()` on every
     micro-batch as usual: the loss is divided by `steps`, gradients are synchronised only
@@ -104,20 +108,34 @@ def accumulate_grads(
     return model, optimizer, ctx.record(f"accumulate_grads(steps={steps})", grad_accum_steps=steps)
 
 
+class _SyncOff:
+    """no_sync's forward pre-hook: registered after accumulate_grads' own, so it wins."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.backend.set_grad_sync(module, False)
+
+
 @contextlib.contextmanager
 def no_sync(model: nn.Module, ctx: Context) -> Iterator[None]:
     """Do not synchronise gradients of backward passes whose forward runs in this block.
+
+    Inside the block the model has a forward pre-hook of its own, removed on exit; the
+    outermost block switches sync back on as it leaves.
 
     >>> with accel.no_sync(model, ctx):
     ...     accel.backward(model(x).sum(), optimizer, ctx)
     """
     backend = backend_for(ctx)
-    depth = getattr(model, "_accel_no_sync_depth", 0)
     backend.set_grad_sync(model, False)
-    model._accel_no_sync_depth = depth + 1
+    handle = model.register_forward_pre_hook(_SyncOff(backend))
     try:
         yield
     finally:
-        model._accel_no_sync_depth = depth
-        if depth == 0:
+        handle.remove()
+        # The hooks of enclosing blocks are the nesting depth: only the last one out
+        # switches sync back on.
+        if not any(isinstance(hook, _SyncOff) for hook in model._forward_pre_hooks.values()):
             backend.set_grad_sync(model, True)

@@ -31,7 +31,7 @@ def progress(iterable: Iterable[T], ctx: Context, *, per_node: bool = False,
     try:
         from tqdm.auto import tqdm
     except ImportError as exc:
-        raise MissingDependencyError("tqdm", "tracking", "accel.progress") from exc
+        raise MissingDependencyError("tqdm", "tracking", "accel.tracking.progress") from exc
     shows_bar = ctx.is_local_main_process if per_node else ctx.is_main_process
     if not shows_bar:
         return iterable

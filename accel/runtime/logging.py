@@ -13,7 +13,7 @@ from typing import Any
 
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, InvalidArgumentError
-from accel.process import wait_for_everyone
+from accel.runtime.process import wait_for_everyone
 
 LOG_LEVEL_VARIABLE = "ACCEL_LOG_LEVEL"
 

@@ -10,10 +10,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from accel.accumulation import no_sync
-from accel.backends import backend_for
+from accel.backends import LOCAL_SGD, has_capability
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, UnsupportedError
+from accel.transforms.accumulation import no_sync
 
 
 class LocalSGD:
@@ -32,14 +32,14 @@ class LocalSGD:
             self.average()
 
     def average(self) -> None:
-        """Replace every rank's parameters by their mean across ranks (one all-reduce)."""
-        if not self.ctx.is_distributed:
+        """Replace every rank's parameters by their mean across the data-parallel ranks."""
+        if self.ctx.dp_size == 1:
             return
         params = [p for p in self.model.parameters()]
         with torch.no_grad():
             flat = parameters_to_vector(params)
-            dist.all_reduce(flat, group=self.ctx.group)
-            vector_to_parameters(flat / self.ctx.world_size, params)
+            dist.all_reduce(flat, group=self.ctx.dp_group)
+            vector_to_parameters(flat / self.ctx.dp_size, params)
 
 
 @contextlib.contextmanager
@@ -56,7 +56,7 @@ def local_sgd(model: nn.Module, ctx: Context, *, sync_every: int) -> Iterator[Lo
     """
     if not isinstance(sync_every, int) or sync_every < 1:
         raise IncompatibleOptionsError(f"sync_every must be a positive integer, got {sync_every!r}")
-    if not backend_for(ctx).supports_local_sgd:
+    if not has_capability(ctx, LOCAL_SGD):
         raise UnsupportedError(
             f"local_sgd needs every rank to hold and update whole parameters; the {ctx.backend} "
             "backend shards them. Use strategy='ddp' (or a single process)"

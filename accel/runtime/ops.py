@@ -2,10 +2,13 @@
 
 Every function takes a tensor or any nesting of lists, tuples, namedtuples and mappings of
 tensors, and returns the same structure. Leaves that are not tensors pass through
-unchanged. Collectives run on `ctx.group`, on the device its backend needs (CPU for gloo,
-CUDA for nccl); results come back on the device the input was on. With `ctx.debug`, each
-collective first checks that every rank passes the same shapes and dtypes, and raises
-`CollectiveMismatchError` on every rank instead of hanging.
+unchanged. Collectives of data (gather, gather_object, reduce, pad_across_processes)
+run across the data-parallel ranks (`ctx.dp_group`: on a mesh with tp, cp or pp their
+peers hold the same data); broadcast runs on `ctx.group`. All run on the device the
+group's backend needs (CPU for gloo, CUDA for nccl); results come back on the device
+the input was on. With `ctx.debug`, each collective first checks that every rank passes
+the same shapes and dtypes, and raises `CollectiveMismatchError` on every rank instead
+of hanging.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from accel.errors import (
     NotConnectedError,
     UnsupportedError,
 )
+from accel.world import World
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
                "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -82,6 +86,19 @@ def _leaves(data: Any, path: str = "data") -> list[tuple[str, torch.Tensor]]:
 
 
 # --------------------------------------------------------------------------- plumbing
+
+
+def over_data(ctx: Context) -> Context:
+    """ctx seen from the data-parallel ranks only: rank dp_rank of dp_size in dp_group.
+
+    The Context itself when every rank is a data-parallel rank (no tp, cp or pp).
+    """
+    if ctx.layout.only_data_parallel:
+        return ctx
+    world = World(rank=ctx.dp_rank, world_size=ctx.dp_size, local_rank=0, local_world_size=1,
+                  launcher=ctx.world.launcher)
+    return Context(world=world, device=ctx.device, dist_backend=ctx.dist_backend,
+                   debug=ctx.debug, group=ctx.dp_group, timeout=ctx.timeout)
 
 
 def _require_group(ctx: Context) -> None:
@@ -188,6 +205,7 @@ def gather(data: Any, ctx: Context) -> Any:
     >>> gather(torch.tensor([2 * ctx.rank + 1, 2 * ctx.rank + 2]), ctx)  # 2 ranks
     tensor([1, 2, 3, 4])
     """
+    ctx = over_data(ctx)
     if not ctx.is_distributed:
         return recursively_apply(lambda t: t.reshape(1) if t.dim() == 0 else t, data)
     _require_group(ctx)
@@ -210,6 +228,7 @@ def gather_object(obj: Any, ctx: Context) -> list[Any]:
     >>> gather_object("a" if ctx.rank == 0 else "b", ctx)
     ['a', 'b']
     """
+    ctx = over_data(ctx)
     if ctx.is_distributed:
         _require_group(ctx)
         gathered: list[Any] = [None] * ctx.world_size
@@ -240,6 +259,7 @@ def reduce(data: Any, ctx: Context, op: str = "mean") -> Any:
         raise InvalidArgumentError(
             f"reduce: unknown op {op!r}; use one of {', '.join(map(repr, _REDUCE_OPS))}"
         )
+    ctx = over_data(ctx)
     if ctx.is_distributed:
         _require_group(ctx)
         _debug_check(f"reduce(op={op!r})", data, ctx)
@@ -308,6 +328,7 @@ def pad_across_processes(data: Any, ctx: Context, dim: int = 0, pad_index: Any =
     >>> pad_across_processes(torch.ones(3 - ctx.rank), ctx)  # rank 1 of 2
     tensor([1., 1., 0.])
     """
+    ctx = over_data(ctx)
     if ctx.is_distributed:
         _require_group(ctx)
         _debug_check("pad_across_processes", data, ctx, compare_shapes=False)

@@ -1,0 +1,78 @@
+"""`shard_model`: apply the parallelism strategy to the model; `unwrap_model` undoes the view.
+
+The strategies themselves live with their engines in accel/backends/ (accel.DDP in
+ddp.py, accel.FSDP in fsdp.py, ...); any object implementing `accel.Strategy` works too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from torch import nn
+
+from accel.backends import KEEPS_PARAMETERS, Strategy, engine_of, resolve_strategy
+from accel.context import Context
+from accel.errors import InvalidArgumentError, TransformOrderError
+
+
+def shard_model(
+    model: nn.Module, ctx: Context, *, strategy: str | Strategy | None = None
+) -> tuple[nn.Module, Context]:
+    """Apply the parallelism strategy to the model (in place); record it in the Context.
+
+    (in place) The user's module is changed, not copied: it is moved to ctx.device
+    (`model.to`). FSDP shards it where it is (torch's `fully_shard`: parameters become
+    DTensors, FSDP hooks are added, its class becomes an FSDPModule subclass,
+    `activation_checkpointing` replaces the units' `forward`, and rank 0's values are
+    copied into every rank). XLA moves it to the XLA device (new parameter objects in the
+    same module) and marks SPMD shardings. DeepSpeed's engine, built at the first forward,
+    re-lays out the parameters' data and adds DeepSpeed's own attributes to them. DDP
+    wraps it in a new DistributedDataParallel. On a mesh (`accel.init(mesh=...)`), data
+    parallelism acts on the data-parallel dimensions only (dp_replicate x dp_shard).
+
+    Args:
+        strategy: a name ("single", "ddp", "fsdp", "deepspeed", "xla"), a config object
+            (accel.DDP(...), accel.FSDP(...)), accel.Custom(parallelize_fn), your own
+            `accel.Strategy`, or None for XLA() on an XLA device, DDP when the world has
+            several processes and a plain placement otherwise.
+
+    Parameter names of the user's module do not change; `unwrap_model` returns it.
+
+    >>> model, ctx = accel.shard_model(model, ctx, strategy="ddp")
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"shard_model: model must be a torch nn.Module, got {type(model).__name__}")
+    if ctx.was_applied("shard_model"):
+        raise TransformOrderError(
+            "shard_model was already applied to this Context; apply it once, after with_amp"
+        )
+    config = resolve_strategy(strategy, ctx)
+    # An engine may replace the parameters an already wrapped optimizer holds.
+    if ctx.was_applied("wrap_optimizer") and KEEPS_PARAMETERS not in config.capabilities:
+        raise TransformOrderError(
+            f"shard_model({config.name}) must come before wrap_optimizer (the engine may "
+            "replace the parameters the optimizer holds); reorder the transforms"
+        )
+    wrapped = config.wrap_model(model, ctx)
+    return wrapped, ctx.record(f"shard_model({_describe(config)})",
+                               backend=config.name, strategy=config)
+
+
+def _describe(config: Any) -> str:
+    if not attrs.has(type(config)):  # a user's own config class: its name says enough
+        return config.name
+    changed = [f"{field.name}={getattr(config, field.name)!r}"
+               for field in attrs.fields(type(config))
+               if getattr(config, field.name) != field.default]
+    return config.name + (f", {', '.join(changed)}" if changed else "")
+
+
+def unwrap_model(model: nn.Module, ctx: Context) -> nn.Module:
+    """The user's own module inside whatever wrapper the backend put around it.
+
+    Also strips a torch.compile wrapper.
+    """
+    inner = engine_of(ctx).unwrap_model(model)
+    return getattr(inner, "_orig_mod", inner)
