@@ -42,6 +42,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     # transforms
     "accel.transforms.amp": ("with_amp",),
     "accel.transforms.sharding": ("shard_model", "unwrap_model"),
+    "accel.transforms.tensor_parallel": ("loss_parallel", "tensor_parallel"),
     "accel.transforms.optim": ("AccelOptimizer", "AccelScheduler", "backward",
                                "clip_grad_norm", "clip_grad_value", "wrap_optimizer",
                                "wrap_scheduler"),
@@ -124,4 +125,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the table above is what ru
         wrap_scheduler,
     )
     from accel.transforms.sharding import shard_model, unwrap_model
+    from accel.transforms.tensor_parallel import loss_parallel, tensor_parallel
     from accel.world import World, detect_world

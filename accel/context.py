@@ -18,11 +18,32 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from accel.errors import LaunchEnvironmentError, MissingDependencyError, NotConnectedError
+from accel.errors import (
+    InvalidArgumentError,
+    LaunchEnvironmentError,
+    MissingDependencyError,
+    NotConnectedError,
+    StuckRanksError,
+)
 from accel.mesh import DATA_PARALLEL, MeshLayout, build_device_mesh, dp_group_of
+from accel.validation import (
+    check_bool,
+    check_device,
+    check_mapping,
+    check_seed,
+    check_str,
+    check_timeout,
+    check_type,
+    fail,
+)
 from accel.world import World, detect_world
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+#: how long accel's own barriers (shutdown, wait_for_everyone) wait for the last rank.
+#: Ranks reach them from the same loop, in step within one training step plus what one
+#: rank does alone just before (a log line, a small file): seconds. Thirty seconds ends a
+#: run whose ranks diverged (one ran out of batches) in half a minute, not 30 minutes.
+DEFAULT_BARRIER_TIMEOUT = datetime.timedelta(seconds=30)
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -58,10 +79,15 @@ class Context:
     strategy: Any = None
     precision: str = "no"
     grad_accum_steps: int = 1
+    #: the LM head's logits are sharded over the vocabulary (tensor_parallel(loss_parallel=True)).
+    loss_parallel: bool = False
     seed: int | None = None
     #: check shapes across ranks before each collective, instead of hanging on a mismatch.
     debug: bool = False
     timeout: datetime.timedelta = attrs.field(default=DEFAULT_TIMEOUT, converter=_to_timedelta)
+    #: how long shutdown and wait_for_everyone wait for every rank before naming the missing.
+    barrier_timeout: datetime.timedelta = attrs.field(default=DEFAULT_BARRIER_TIMEOUT,
+                                                      converter=_to_timedelta)
     #: the process group collectives use; None is torch's default group.
     group: Any = attrs.field(default=None, eq=False)
     #: whether `init` created the default process group, so `shutdown` may destroy it.
@@ -276,6 +302,7 @@ def init(
     debug: bool | None = None,
     env: Mapping[str, str] | None = None,
     mesh: Mapping[str, int] | None = None,
+    barrier_timeout: float | datetime.timedelta | None = None,
 ) -> Context:
     """Read the launch environment, start the process group when world size > 1.
 
@@ -291,6 +318,8 @@ def init(
             multiply to the world size, one may be -1 (the rest). Builds `ctx.mesh`;
             data-parallel transforms act on dp_replicate x dp_shard. Default: one
             data-parallel dimension over every rank.
+        barrier_timeout: seconds `shutdown` and `wait_for_everyone` wait for every rank
+            before raising StuckRanksError (also ACCEL_BARRIER_TIMEOUT); default 30.
 
     Calling init again in the same process returns an equal Context; a process group
     started by someone else is joined, never replaced.
@@ -299,6 +328,7 @@ def init(
     >>> ctx.world_size      # 2 under `accel launch -n 2 train.py`
     >>> ctx = accel.init(mesh={"dp_shard": 2, "tp": 2})   # 4 processes
     """
+    _check_init_arguments(device, dist_backend, timeout, seed, debug, env)
     env = os.environ if env is None else env
     world = detect_world(env)
     layout = MeshLayout.of(mesh, world.world_size)
@@ -311,6 +341,7 @@ def init(
         world=world,
         device=resolved,
         timeout=timeout,
+        barrier_timeout=_barrier_timeout(barrier_timeout, env),
         seed=seed,
         debug=debug if debug is not None else env.get("ACCEL_DEBUG", "").lower() in _TRUE,
         layout=layout,
@@ -324,6 +355,49 @@ def init(
 
         set_seed(seed, ctx)
     return ctx
+
+
+def _check_init_arguments(device: Any, dist_backend: Any, timeout: Any, seed: Any,
+                          debug: Any, env: Any) -> None:
+    """Before anything starts: a wrong argument must not leave a process group behind."""
+    check_device("init", "device", device, optional=True)
+    check_str("init", "dist_backend", dist_backend, optional=True)
+    if dist_backend is not None:
+        _check_dist_backend(dist_backend)
+    check_timeout("init", "timeout", timeout)
+    check_seed("init", seed, optional=True)
+    check_bool("init", "debug", debug, optional=True)
+    check_mapping("init", "env", env, "a mapping of launch variables (os.environ by default)",
+                  optional=True)
+
+
+def _check_dist_backend(value: str) -> None:
+    """A backend torch knows ("gloo", "nccl", ...), or one per device: "cpu:gloo,cuda:nccl"."""
+    known = [name for name in dist.Backend.backend_list if name != "undefined"] + ["xla"]
+    for part in value.split(","):
+        backend = part.rpartition(":")[2].strip().lower()
+        if backend not in known:
+            fail("init", "dist_backend", value,
+                 f"a torch.distributed backend ({', '.join(known)}), or one per device "
+                 "such as 'cpu:gloo,cuda:nccl'", wrong_type=False)
+
+
+def _barrier_timeout(value: float | datetime.timedelta | None,
+                     env: Mapping[str, str]) -> datetime.timedelta:
+    """init's barrier_timeout, else ACCEL_BARRIER_TIMEOUT (seconds), else the default."""
+    source = "init(barrier_timeout=...)"
+    if value is None:
+        value, source = env.get("ACCEL_BARRIER_TIMEOUT") or None, "ACCEL_BARRIER_TIMEOUT"
+    if value is None:
+        return DEFAULT_BARRIER_TIMEOUT
+    try:  # a bool is no number of seconds; inf and 1e300 overflow a timedelta
+        timeout = None if isinstance(value, bool) else _to_timedelta(value)
+    except (TypeError, ValueError, OverflowError):
+        timeout = None
+    if timeout is None or timeout.total_seconds() <= 0:
+        raise InvalidArgumentError(
+            f"{source} must be a positive number of seconds (or a timedelta), got {value!r}")
+    return timeout
 
 
 def _mesh_device_type(ctx: Context) -> str:
@@ -413,19 +487,33 @@ def verify_connected(ctx: Context) -> None:
 def shutdown(ctx: Context) -> None:
     """Destroy the process group if (and only if) `init` created it, once every rank is here.
 
-    The group object itself is released at interpreter exit, not here. A DDP model freed
-    after `shutdown` would otherwise drop the group's last reference inside torch's
-    Reducer, whose destructor joins gloo's worker threads while holding the GIL, and a
-    worker still releasing a finished collective waits for the GIL: the process hangs at
-    exit (seen in about 1 of 10 restarted runs under load). Released from Python at exit,
-    the group's destructor runs without the GIL.
+    Every rank waits at most `ctx.barrier_timeout` (init's `barrier_timeout`, 30 s by
+    default) for the others. The group object itself is released at interpreter exit,
+    not here. A DDP model freed after `shutdown` would otherwise drop the group's last
+    reference inside torch's Reducer, whose destructor joins gloo's worker threads while
+    holding the GIL, and a worker still releasing a finished collective waits for the
+    GIL: the process hangs at exit (seen in about 1 of 10 restarted runs under load).
+    Released from Python at exit, the group's destructor runs without the GIL.
+
+    Raises:
+        StuckRanksError: ranks did not arrive in time; the message names them.
+
+    >>> accel.shutdown(ctx)
     """
-    if ctx.owns_process_group and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        keep_until_exit = [dist.group.WORLD]
-        atexit.register(keep_until_exit.clear)
+    if not (ctx.owns_process_group and dist.is_initialized()):
+        return
+    from accel.runtime.process import bounded_barrier
+
+    try:
+        bounded_barrier(ctx, "shutdown", ctx.barrier_timeout)
+    except StuckRanksError:
+        # Released now (no collective is in flight here): its connections close, and a
+        # rank stuck in a collective with this one fails at once, not at its timeout.
         dist.destroy_process_group()
+        raise
+    keep_until_exit = [dist.group.WORLD]
+    atexit.register(keep_until_exit.clear)
+    dist.destroy_process_group()
 
 
 def from_process_group(
@@ -446,6 +534,7 @@ def from_process_group(
     >>> dist.init_process_group("gloo")            # done by your framework
     >>> ctx = accel.Context.from_process_group()
     """
+    _check_adopted(group, device, env, mesh)
     if not dist.is_initialized():
         raise LaunchEnvironmentError(
             "Context.from_process_group() needs an initialised torch.distributed process "
@@ -463,6 +552,18 @@ def from_process_group(
                   dist_backend=dist.get_backend(group), group=group)
     verify_connected(ctx)
     return ctx if mesh is None else _adopt_mesh(ctx, mesh)
+
+
+def _check_adopted(group: Any, device: Any, env: Any, mesh: Any) -> None:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    check_type("from_process_group", "group", group, dist.ProcessGroup,
+               "a torch.distributed ProcessGroup (None: the default group)", optional=True)
+    check_device("from_process_group", "device", device, optional=True)
+    check_mapping("from_process_group", "env", env,
+                  "a mapping of launch variables (os.environ by default)", optional=True)
+    check_type("from_process_group", "mesh", mesh, DeviceMesh,
+               "a torch DeviceMesh over the group's ranks", optional=True)
 
 
 def _adopt_mesh(ctx: Context, mesh: Any) -> Context:

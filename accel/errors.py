@@ -69,3 +69,39 @@ class CheckpointNotFoundError(AccelError, FileNotFoundError):
 
 class UntrustedCheckpointError(AccelError):
     """A checkpoint asks for what its author could abuse: unpickling, or a file outside it."""
+
+
+class CheckpointSaveError(AccelError, OSError):
+    """A checkpoint could not be written (disk full, ...); its partial folder was removed."""
+
+
+class CheckpointMismatchError(InvalidArgumentError):
+    """A checkpoint does not fit the model, optimizer or scheduler it is loaded into."""
+
+
+class GradSyncOrderError(AccelError):
+    """A backward would break no_sync's rule (sync follows the forward) and cannot be honoured."""
+
+
+class StuckRanksError(AccelError, TimeoutError):
+    """Ranks did not reach a barrier within its bound; `missing` holds their ranks."""
+
+    def __init__(self, message: str, missing: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.missing = missing
+
+
+class CollectiveFailedError(AccelError, RuntimeError):
+    """A collective failed in torch.distributed: a rank left, or ranks passed mismatched data."""
+
+
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument has the wrong type (a str where an optimizer goes, a float for an int)."""
+
+
+class InvalidOptionError(InvalidArgumentError, IncompatibleOptionsError):
+    """A strategy config (accel.DDP(...), accel.FSDP(...)) got an option value it cannot take.
+
+    Also an IncompatibleOptionsError: what the strategies raised for such a value when
+    they checked it in shard_model, before the configs checked their options when built.
+    """

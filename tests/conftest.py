@@ -14,6 +14,8 @@ from accel.transforms.settings import CONFIG_FILE_VARIABLE, SETTINGS
 # shell, and an empty config file instead of ~/.cache/accel/config.toml.
 for _setting in SETTINGS:
     os.environ.pop(_setting.env_var, None)
+for _name in ("ACCEL_BARRIER_TIMEOUT", "ACCEL_DEBUG", "ACCEL_DEVICE"):  # read by accel.init
+    os.environ.pop(_name, None)
 os.environ[CONFIG_FILE_VARIABLE] = os.devnull
 
 # pytest names the running test; torch sets its compiler cache folder once, on first use.

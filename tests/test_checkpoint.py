@@ -7,7 +7,12 @@ are in test_checkpoint_spawned.py.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
+import re
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +29,7 @@ from accel.checkpoint import (
     load_state,
     save_state,
 )
+from accel.checkpoint.staging import STALE_AFTER, tmp_name
 from accel.checkpoint.tree import flatten, unflatten
 from accel.errors import IncompatibleOptionsError, InvalidArgumentError
 
@@ -192,18 +198,41 @@ def test_eleven_saves_keep_the_last_two_and_numbering_continues_after_load(tmp_p
     assert [p.name for p in folder.checkpoints()] == ["checkpoint_000011", "checkpoint_000012"]
 
 
-def test_partial_saves_are_ignored_then_cleaned(tmp_path):
+def owned_by(path, pid: int):
+    """A temporary name beside `path` as process `pid` of this host would make it."""
+    return path.with_name(re.sub(r"-\d+-([0-9a-f]{12})$", rf"-{pid}-\1", tmp_name(path).name))
+
+
+def dead_pid() -> int:
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+def test_partial_saves_are_ignored_then_only_stale_ones_cleaned(tmp_path):
     ctx, model, _, _ = make_run()
     folder = CheckpointFolder(tmp_path / "run")
     save_state(folder, ctx, model=model)
-    # What a save killed mid-way leaves: a temporary directory, with or without metadata.
-    partial = tmp_path / "run" / "checkpoint_000002.tmp-0123456789ab"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"half")
-    assert folder.latest().name == "checkpoint_000001"
-    assert save_state(folder, ctx, model=model).name == "checkpoint_000002"
-    assert not partial.exists()
+    root = tmp_path / "run"
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        # What saves leave: one killed mid-way (its process is gone), one still running
+        # in another process, and folders without an owner (an older accel), fresh or old.
+        killed = owned_by(folder.staging, dead_pid())
+        running = owned_by(folder.staging, alive.pid)
+        fresh, old = root / "checkpoint_new.tmp-0123456789ab", root / "checkpoint_3.tmp-0123"
+        other = root / "notes.tmp-0123456789ab"  # not a checkpoint's: never touched
+        for partial in (killed, running, fresh, old, other):
+            partial.mkdir()
+            (partial / "model.safetensors").write_bytes(b"half")
+        os.utime(old, (time.time() - STALE_AFTER - 60,) * 2)
+        assert folder.latest().name == "checkpoint_000001"
+        assert save_state(folder, ctx, model=model).name == "checkpoint_000002"
+        assert sorted(p.name for p in root.iterdir() if ".tmp-" in p.name) == sorted(
+            p.name for p in (running, fresh, other))
+        alive.kill()
     assert [p.name for p in folder.checkpoints()] == ["checkpoint_000001", "checkpoint_000002"]
+    save_state(folder, ctx, model=model)
+    assert not running.exists() and fresh.exists()
 
 
 def test_save_to_an_existing_checkpoint_replaces_it(tmp_path):
@@ -216,6 +245,57 @@ def test_save_to_an_existing_checkpoint_replaces_it(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(params(model).values(),
                                                  params(model2).values(), strict=True))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+class Recorded(logging.Handler):
+    """The messages logged while it is attached."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_survivor_of_an_interrupted_swap_loads_and_stays_until_replaced(tmp_path):
+    ctx, model, optimizer, scheduler = make_run()
+    path = save_state(tmp_path / "ckpt", ctx, model=model, rng=False)
+    train(model, optimizer, scheduler, 2)
+    new = save_state(tmp_path / "new", ctx, model=model, rng=False)
+    # What a save over `path` killed between its two renames leaves (where the names cannot
+    # be exchanged in one step): the old checkpoint renamed aside, the new one complete
+    # under its temporary name, nothing at `path`.
+    gone = dead_pid()
+    aside, staged = owned_by(path, gone), owned_by(path, gone)
+    os.rename(path, aside)
+    os.rename(new, staged)
+    _, model2, _, _ = make_run(seed=5)
+    logger, recorded = logging.getLogger("accel.checkpoint.load"), Recorded()
+    logger.addHandler(recorded)
+    try:
+        info = load_state(path, ctx, model=model2, rng=False)
+    finally:
+        logger.removeHandler(recorded)
+    assert info.recovered and info.path == staged
+    assert any("a save over it was interrupted" in message and str(staged) in message
+               for message in recorded.messages), recorded.messages
+    assert all(torch.equal(a, b) for a, b in zip(params(model).values(),
+                                                 params(model2).values(), strict=True))
+    with pytest.raises(InvalidArgumentError, match="never pickled"):  # a save that fails...
+        save_state(path, ctx, model=model, rng=False, bad=Unsaveable())
+    assert aside.exists() and staged.exists()  # ...leaves them: they are all there is
+    save_state(path, ctx, model=model, rng=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # replaced, then removed
+    assert not load_state(path, ctx, model=model2, rng=False).recovered
+
+
+class Unsaveable:
+    def state_dict(self):
+        return {"seen": {1, 2}}
+
+    def load_state_dict(self, state):
+        pass
 
 
 # ---------------------------------------------------------------- integrity

@@ -61,7 +61,8 @@ def test_sigkill_in_save_keeps_previous_checkpoint_and_resume_is_exact(uninterru
     assert killed.returncode != 0 and "exited with code 137" in killed.stderr, killed.stderr
     ckpt = tmp_path / "ckpt"
     partial = [p.name for p in ckpt.iterdir() if ".tmp-" in p.name]
-    assert len(partial) == 1 and partial[0].startswith("checkpoint_000003.tmp-")
+    # Numbered only once complete: a save in progress is named after checkpoint_new.
+    assert len(partial) == 1 and partial[0].startswith("checkpoint_new.tmp-")
     assert (ckpt / partial[0] / "model.safetensors").exists()  # killed half-way, not before
     latest = CheckpointFolder(ckpt).latest()
     assert latest.name == "checkpoint_000002"
@@ -76,7 +77,7 @@ def test_sigkill_in_save_keeps_previous_checkpoint_and_resume_is_exact(uninterru
     for rank in (0, 1):
         assert batches(resumed_run, rank) == batches(uninterrupted, rank)[6:]
         assert batches(tmp_path, rank)[:7] == batches(uninterrupted, rank)[:7]
-    # The partial save is gone; numbering went on from the latest complete checkpoint.
+    # The partial save is gone (its process is); numbering went on from the latest one.
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
     assert json.loads((ckpt / "checkpoint_000003" / "accel.json").read_text())["step"] == 9
 

@@ -78,3 +78,17 @@ def test_05_the_tutorials_own_tests_pass():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 passed" in result.stdout
+
+
+def test_08_tensor_parallel_x_fsdp_resumes_on_fsdp4_and_exports(tmp_path):
+    first = accel_cli("launch", "-n", "4", "tutorials/08_tensor_parallel_llama.py", "--dir",
+                      str(tmp_path), "--mesh", "tp2xfsdp2", "--steps", "3", timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "tensor_parallel(tp=2, sequence_parallel) -> shard_model(fsdp)" in first.stdout
+    second = accel_cli("launch", "-n", "4", "tutorials/08_tensor_parallel_llama.py", "--dir",
+                       str(tmp_path), "--mesh", "fsdp4", "--steps", "5", timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resumed step 3 on mesh dp_shard=4" in second.stdout
+    losses = numbers_after("loss", first.stdout + second.stdout)
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.5, losses
+    assert "from_pretrained: 90432 parameters" in second.stdout

@@ -83,7 +83,7 @@ class Strategy:
         return self._engine.wrap_optimizer(optimizer, ctx)
 
     def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
-        """Switch gradient synchronisation across ranks on or off for the next backward."""
+        """Whether the backward passes of the forwards that follow synchronise gradients."""
         self._engine.set_grad_sync(model, enabled)
 
     def backward(self, loss: torch.Tensor, optimizer: Any, **kwargs: Any) -> None:
@@ -182,10 +182,10 @@ def strategy_named(name: str) -> Strategy:
 
 
 def default_strategy(ctx: Context) -> Strategy:
-    """XLA replicas on an XLA device, DDP in a world of several processes, else single."""
+    """XLA replicas on an XLA device, DDP over 2+ data-parallel ranks, else single."""
     if ctx.device.type == "xla":
         return strategy_named("xla")
-    return strategy_named("ddp" if ctx.is_distributed else "single")
+    return strategy_named("ddp" if ctx.dp_size > 1 else "single")
 
 
 def resolve_strategy(strategy: str | Strategy | None, ctx: Context) -> Strategy:

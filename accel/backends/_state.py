@@ -90,10 +90,26 @@ def _copy_containers(value: Any) -> Any:
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
-    """Clip by the norm of all gradients, DTensor shards included: the whole model's norm."""
-    grads = [param.grad for param in model.parameters() if param.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+    """Clip by the norm of all gradients, DTensor shards included: the whole model's norm.
+
+    Under tensor parallelism x FSDP the gradients live on several meshes (2-D for the
+    TP-sharded weights, 1-D for the rest); each mesh's norm is taken apart, made whole,
+    and the parts combined, since torch's foreach kernels take one mesh at a time.
+    """
+    params = [param for param in model.parameters() if param.grad is not None]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for param in params:
+        mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+        groups.setdefault(mesh, []).append(param)
+    norms = [_whole(torch.nn.utils.get_total_norm([p.grad for p in group], norm_type))
+             for group in groups.values()]
+    if not norms:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm(norms, norm_type) if len(norms) > 1 else norms[0]
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from accel.backends import COLLECTIVE_BACKWARD, BuiltinStrategy, _state, single
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError, UnsupportedError
+from accel.errors import IncompatibleOptionsError, InvalidOptionError, UnsupportedError
+from accel.validation import shown
 
 backward = single.backward
 clip_grad_value = single.clip_grad_value
@@ -31,8 +32,9 @@ set_state_dict = _state.set_state_dict
 
 def _check_callable(instance: Any, attribute: Any, value: Any) -> None:
     if not callable(value):
-        raise IncompatibleOptionsError(
-            f"accel.Custom takes a function parallelize_fn(model, ctx) -> model, got {value!r}")
+        raise InvalidOptionError(
+            "accel.Custom takes a function: parallelize_fn must be a function "
+            f"(model, ctx) -> model, got {shown(value)}")
 
 
 @attrs.frozen

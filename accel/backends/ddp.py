@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -12,12 +13,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.distributed.algorithms.join import Join
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel.distributed import _find_tensors
+from torch.utils.weak import WeakIdKeyDictionary
 
 from accel.backends import COLLECTIVE_BACKWARD, LOCAL_SGD, BuiltinStrategy, single
 from accel.backends import _state as state
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError, UnsupportedError
+from accel.errors import (
+    GradSyncOrderError,
+    IncompatibleOptionsError,
+    InvalidOptionError,
+    UnsupportedError,
+)
+from accel.validation import check_bool, check_number, option_validator, shown
 
 _HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
 
@@ -32,6 +42,19 @@ get_state_dict = state.get_state_dict
 set_state_dict = state.set_state_dict
 
 
+_flag = option_validator("DDP", check_bool)
+_COMM_HOOKS = ("fp16", "bf16", "powersgd")
+
+
+def _check_comm_hook(instance: Any, attribute: Any, value: Any) -> None:
+    if value is None or callable(value) or value in _COMM_HOOKS:
+        return
+    raise InvalidOptionError(
+        f"accel.DDP: unknown DDP comm_hook {shown(value)}; comm_hook must be one of "
+        f"{', '.join(map(repr, _COMM_HOOKS))}, a torch communication hook function "
+        "(torch.distributed.algorithms.ddp_comm_hooks) or None")
+
+
 @attrs.frozen
 class DDP(BuiltinStrategy):
     """torch DistributedDataParallel: full replica per rank, gradients all-reduced.
@@ -44,13 +67,15 @@ class DDP(BuiltinStrategy):
     """
 
     capabilities = frozenset({COLLECTIVE_BACKWARD, LOCAL_SGD})
-    find_unused_parameters: bool = False
-    static_graph: bool = False
-    bucket_cap_mb: float | None = None
-    gradient_as_bucket_view: bool = False
+    find_unused_parameters: bool = attrs.field(default=False, validator=_flag)
+    static_graph: bool = attrs.field(default=False, validator=_flag)
+    bucket_cap_mb: float | None = attrs.field(
+        default=None, validator=option_validator("DDP", check_number, above=0, optional=True))
+    gradient_as_bucket_view: bool = attrs.field(default=False, validator=_flag)
     #: copy rank 0's buffers (BatchNorm statistics) to every rank before each forward.
-    sync_buffers: bool = True
-    comm_hook: str | Callable[..., Any] | None = None
+    sync_buffers: bool = attrs.field(default=True, validator=_flag)
+    comm_hook: str | Callable[..., Any] | None = attrs.field(default=None,
+                                                             validator=_check_comm_hook)
     comm_state: Any = None
 
 
@@ -62,6 +87,11 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
     model = model.to(ctx.device)
     if not ctx.layout.only_data_parallel:
         _sync_replicas(model, ctx)
+    if any(isinstance(param, DTensor) for param in model.parameters()):
+        raise UnsupportedError(
+            "DDP over a tensor-parallel model (DTensor parameters) is not supported; use "
+            "strategy=accel.FSDP() (FSDP over dp_shard, HSDP with dp_replicate in the "
+            "mesh), as torchtitan composes TP with data parallelism")
     kwargs: dict[str, Any] = dict(
         find_unused_parameters=strategy.find_unused_parameters,
         static_graph=strategy.static_graph,
@@ -79,6 +109,7 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
     if strategy.comm_hook is not None:
         hook, state = _comm_hook(strategy, ctx)
         _register_comm_hook(ddp, strategy.comm_hook, hook, state)
+    _follow_forwards(ddp)  # from the first forward on, or no_sync could not keep its rule
     return ddp
 
 
@@ -90,7 +121,8 @@ def _sync_replicas(model: nn.Module, ctx: Context) -> None:
     """
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.detach(), group_src=0, group=ctx.group)
+            if not isinstance(tensor, DTensor):  # a TP shard is this tp rank's own
+                dist.broadcast(tensor.detach(), group_src=0, group=ctx.group)
 
 
 def _check_process_group(ctx: Context) -> None:
@@ -127,15 +159,11 @@ def _comm_hook(strategy: Any, ctx: Context) -> tuple[Any, Any]:
         return default_hooks.fp16_compress_hook, strategy.comm_state or ctx.dp_group
     if hook == "bf16":
         return default_hooks.bf16_compress_hook, strategy.comm_state or ctx.dp_group
-    if hook == "powersgd":
-        state = strategy.comm_state or powerSGD_hook.PowerSGDState(
-            process_group=ctx.dp_group, matrix_approximation_rank=1, start_powerSGD_iter=2,
-        )
-        return powerSGD_hook.powerSGD_hook, state
-    raise IncompatibleOptionsError(
-        f"unknown DDP comm_hook {hook!r}: use 'fp16', 'bf16', 'powersgd' or a torch "
-        "communication hook function (torch.distributed.algorithms.ddp_comm_hooks)"
+    # "powersgd": the last name the config lets through (_check_comm_hook)
+    state = strategy.comm_state or powerSGD_hook.PowerSGDState(
+        process_group=ctx.dp_group, matrix_approximation_rank=1, start_powerSGD_iter=2,
     )
+    return powerSGD_hook.powerSGD_hook, state
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -152,9 +180,85 @@ def _require_ddp(model: nn.Module, purpose: str) -> None:
 
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """Whether the backward passes of the forwards that follow all-reduce their gradients."""
     _require_ddp(model, "switching DDP's gradient sync")
+    _follow_forwards(model)
     # What DDP.no_sync() toggles; DDP reads it at the start of each forward.
     model.require_backward_grad_sync = enabled
+
+
+#: each DDP model's _SyncFollowsForward, keyed weakly by the model (no attribute on it).
+_FOLLOWERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _follow_forwards(model: DistributedDataParallel) -> None:
+    if model not in _FOLLOWERS:
+        follower = _FOLLOWERS[model] = _SyncFollowsForward()
+        model.register_forward_hook(follower.after_forward)
+
+
+class _SyncFollowsForward:
+    """Makes each DDP backward all-reduce if and only if its graph's forward ran with sync on.
+
+    DDP arms its reducer at a forward with sync on, and the next backward to start uses
+    the arm, whichever graph it belongs to: forwards inside and outside accel.no_sync
+    followed by their backward passes in another order all-reduced the wrong one, and the
+    replicas drifted apart. The outputs of each forward carry a hook that runs as their
+    backward starts and re-arms the reducer when an earlier backward took the arm.
+    """
+
+    def __init__(self) -> None:
+        self.armed = False  # a forward armed the reducer and no backward has started since
+        self.synced_task: int | None = None  # the autograd graph task the reducer serves
+
+    def after_forward(self, model: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return  # DDP arms nothing and there is no graph
+        sync = model.require_backward_grad_sync
+        self.armed = self.armed or sync
+        hook = functools.partial(self.before_backward, model, sync)
+        for tensor in _find_tensors(output):
+            if tensor.requires_grad:
+                tensor.register_hook(hook)
+
+    def before_backward(self, model: nn.Module, sync: bool, grad: torch.Tensor) -> None:
+        # Runs before any gradient of this graph reaches a parameter.
+        task = torch._C._current_graph_task_id()
+        if self.armed:
+            self.armed, self.synced_task = False, task
+        if sync and self.synced_task != task:
+            _rearm(model)
+            self.synced_task = task
+
+
+def _rearm(model: nn.Module) -> None:
+    """Make DDP all-reduce in the backward now starting, as its forward would have."""
+    blocker = _rearm_blocker(model)
+    if blocker:
+        raise GradSyncOrderError(
+            "this backward's forward ran with gradient sync on (outside accel.no_sync), but "
+            "the backward of another graph started after that forward and used the sync: "
+            "DDP arms its all-reduce at a forward, for whichever backward comes next. accel "
+            f"re-arms it for this backward, but cannot with {blocker}. Backpropagate a graph "
+            "built with sync on before starting any other backward (or sum the losses and "
+            "call backward once)"
+        )
+    # As DDP's forward does; the search for unused parameters, which needs the outputs,
+    # is ruled out above.
+    model.reducer.prepare_for_backward([])
+
+
+def _rearm_blocker(model: nn.Module) -> str | None:
+    """The DDP option that ties the reducer to the forward itself, if any."""
+    join_config = getattr(model, "_join_config", None)
+    options = {
+        "DDP(find_unused_parameters=True)": model.find_unused_parameters,
+        "DDP(static_graph=True)": model.static_graph,
+        "join_uneven_inputs": join_config is not None and join_config.enable,
+        "compiled autograd (DDP's Python reducer)": getattr(model, "_use_python_reducer", False),
+        "delay_all_reduce_named_params": getattr(model, "_delay_all_reduce_all_params", False),
+    }
+    return next((name for name, active in options.items() if active), None)
 
 
 def join(model: nn.Module) -> Join:

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel.distributed import _find_tensors
 from torch.utils.weak import WeakIdKeyDictionary
 
 from accel.backends import (
@@ -37,7 +38,15 @@ from accel.backends import (
 )
 from accel.backends import _state as state
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError, UnsupportedError
+from accel.errors import IncompatibleOptionsError, InvalidOptionError, UnsupportedError
+from accel.validation import (
+    check_bool,
+    check_callable,
+    check_int,
+    check_type,
+    option_validator,
+    shown,
+)
 
 # Clipping by the norm of all gradient shards together: the norm of the whole model.
 clip_grad_norm = state.clip_grad_norm
@@ -62,6 +71,30 @@ def _to_shard_units(value: Any) -> Any:
     if isinstance(value, (list, set, frozenset)):
         return tuple(value)
     return value
+
+
+def _check_shard_units(instance: Any, attribute: Any, spec: Any) -> None:
+    """What select_shard_units understands: classes, a count, a predicate, or None."""
+    if spec is None or (callable(spec) and not isinstance(spec, type)):
+        return
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
+        return
+    if isinstance(spec, tuple) and spec and all(
+            isinstance(cls, type) and issubclass(cls, nn.Module) for cls in spec):
+        return
+    raise InvalidOptionError(
+        f"accel.FSDP: shard_units={shown(spec)} is not understood; shard_units must be "
+        "module classes, a parameter count >= 1, a function module -> bool, or None for "
+        "the repeated blocks")
+
+
+def _check_reshard(instance: Any, attribute: Any, value: Any) -> None:
+    # torch's fully_shard: a bool, or an int (the smaller world to reshard to).
+    if value is None or isinstance(value, bool) or (isinstance(value, int) and value >= 1):
+        return
+    raise InvalidOptionError(
+        f"accel.FSDP: reshard_after_forward must be True, False, None (torch's choice) or "
+        f"an int >= 1 (reshard to that many ranks), got {shown(value)}")
 
 
 @attrs.frozen
@@ -93,14 +126,27 @@ class FSDP(BuiltinStrategy):
 
     capabilities = frozenset({COLLECTIVE_BACKWARD, SHARDED_CHECKPOINT})
     shard_units: (tuple[type[nn.Module], ...] | int | Callable[[nn.Module], bool] | None) = (
-        attrs.field(default=None, converter=_to_shard_units))
-    reshard_after_forward: bool | int | None = None
-    mixed_precision: MixedPrecisionPolicy | None = None
-    cpu_offload: bool | OffloadPolicy = False
-    activation_checkpointing: bool = False
-    replicate_degree: int | None = None
-    mesh: DeviceMesh | None = None
-    init_fn: Callable[[nn.Module], None] | None = None
+        attrs.field(default=None, converter=_to_shard_units, validator=_check_shard_units))
+    reshard_after_forward: bool | int | None = attrs.field(default=None,
+                                                           validator=_check_reshard)
+    mixed_precision: MixedPrecisionPolicy | None = attrs.field(
+        default=None, validator=option_validator(
+            "FSDP", check_type, MixedPrecisionPolicy,
+            "None or a torch.distributed.fsdp.MixedPrecisionPolicy", optional=True))
+    cpu_offload: bool | OffloadPolicy = attrs.field(
+        default=False, validator=option_validator(
+            "FSDP", check_type, (bool, OffloadPolicy), "True, False or a torch CPUOffloadPolicy"))
+    activation_checkpointing: bool = attrs.field(
+        default=False, validator=option_validator("FSDP", check_bool))
+    replicate_degree: int | None = attrs.field(
+        default=None, validator=option_validator("FSDP", check_int, minimum=1, optional=True))
+    mesh: DeviceMesh | None = attrs.field(
+        default=None, validator=option_validator(
+            "FSDP", check_type, DeviceMesh, "a torch DeviceMesh (1-D FSDP, 2-D HSDP)",
+            optional=True))
+    init_fn: Callable[[nn.Module], None] | None = attrs.field(
+        default=None, validator=option_validator(
+            "FSDP", check_callable, "a function of one module", optional=True))
 
     @classmethod
     def from_settings(cls, settings: Any) -> FSDP:
@@ -148,28 +194,23 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
         fully_shard(unit, **options)
         _link_sharded_parameters(slots)
     collect_engine_cycles_at_exit()
+    _follow_forwards(model)  # from the first forward on, so no_sync's rule always holds
     return model
 
 
 def select_shard_units(model: nn.Module, spec: Any) -> list[nn.Module]:
-    """The modules to shard before the root, innermost first (the order fully_shard needs)."""
+    """The modules to shard before the root, innermost first (the order fully_shard needs).
+
+    `spec` is an FSDP config's shard_units, which `_check_shard_units` let through.
+    """
     if spec is None:
         units = _repeated_blocks(model)
-    elif isinstance(spec, int) and not isinstance(spec, bool):
-        if spec < 1:
-            raise IncompatibleOptionsError(
-                f"FSDP(shard_units={spec}) as a parameter count must be positive")
+    elif isinstance(spec, int):
         units = _by_parameter_count(model, spec)
-    elif isinstance(spec, tuple) and spec and all(
-            isinstance(cls, type) and issubclass(cls, nn.Module) for cls in spec):
+    elif isinstance(spec, tuple):
         units = _matching(model, lambda module: isinstance(module, spec), spec)
-    elif callable(spec) and not isinstance(spec, type):
-        units = _matching(model, spec, spec)
     else:
-        raise IncompatibleOptionsError(
-            f"FSDP(shard_units={spec!r}) is not understood: pass module classes, a "
-            "parameter count, a function module -> bool, or None for the repeated blocks"
-        )
+        units = _matching(model, spec, spec)
     position = {id(module): index for index, module in enumerate(model.modules())}
     unique = {id(unit): unit for unit in units if _has_parameters(unit)}
     return sorted(unique.values(), key=lambda unit: -position[id(unit)])
@@ -265,12 +306,7 @@ def _data_parallel_mesh(ctx: Context) -> DeviceMesh:
 
 def _mixed_precision(strategy: Any, ctx: Context) -> MixedPrecisionPolicy:
     policy = strategy.mixed_precision
-    if policy is not None:
-        if not isinstance(policy, MixedPrecisionPolicy):
-            raise IncompatibleOptionsError(
-                f"FSDP(mixed_precision=...) takes a torch.distributed.fsdp."
-                f"MixedPrecisionPolicy, got {type(policy).__name__}"
-            )
+    if policy is not None:  # the config checked its type
         return policy
     dtype = _PARAM_DTYPES.get(ctx.precision)
     if dtype is None:
@@ -282,14 +318,10 @@ def _offload_policy(strategy: Any, ctx: Context) -> OffloadPolicy:
     offload = strategy.cpu_offload
     if isinstance(offload, OffloadPolicy):
         return offload
-    if offload is True:
+    if offload:  # True or False: the config checked
         # Pinned pages speed up copies to an accelerator; without one pinning fails.
         return CPUOffloadPolicy(pin_memory=ctx.device.type != "cpu")
-    if offload is False:
-        return OffloadPolicy()
-    raise IncompatibleOptionsError(
-        f"FSDP(cpu_offload=...) takes True, False or a torch CPUOffloadPolicy, got {offload!r}"
-    )
+    return OffloadPolicy()
 
 
 def _checkpoint_activations(units: list[nn.Module]) -> None:
@@ -313,10 +345,7 @@ def _holds_meta(module: nn.Module) -> bool:
 
 
 def _check_initialisable(model: nn.Module, init_fn: Any) -> None:
-    if init_fn is not None:
-        if not callable(init_fn):
-            raise IncompatibleOptionsError(
-                f"FSDP(init_fn=...) must be a function of one module, got {init_fn!r}")
+    if init_fn is not None:  # a function: the config checked
         return
     lacking = [name or type(model).__name__ for name, module in model.named_modules()
                if _holds_meta(module) and not callable(getattr(module, "reset_parameters", None))]
@@ -433,9 +462,59 @@ def _require_fsdp(model: nn.Module, purpose: str) -> None:
 
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
-    """FSDP2's own switch: without sync, unsharded gradients accumulate locally."""
+    """Whether the backward passes of the forwards that follow reduce-scatter their gradients.
+
+    FSDP2 reads its own switch during backward, so accel does not set it here: each
+    graph's outputs carry the value of their forward and set it as their backward starts.
+    A graph built inside no_sync then stays local (its unsharded gradients accumulate)
+    and one built outside is reduced, whichever order the backward passes run in.
+    """
     _require_fsdp(model, "switching FSDP's gradient sync")
-    model.set_requires_gradient_sync(enabled)
+    _follow_forwards(model).sync = enabled
+
+
+#: each FSDP2 root's _SyncFollowsForward, keyed weakly by the model (no attribute on it).
+_FOLLOWERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _follow_forwards(model: FSDPModule) -> _SyncFollowsForward:
+    if model not in _FOLLOWERS:
+        follower = _FOLLOWERS[model] = _SyncFollowsForward()
+        model.register_forward_hook(follower.after_forward)
+    return _FOLLOWERS[model]
+
+
+class _SyncFollowsForward:
+    """Sets FSDP2's switch at the start of each backward from the forwards of its graphs."""
+
+    def __init__(self) -> None:
+        self.sync = True  # set_grad_sync's value, for the forwards that follow
+        self.task: int | None = None  # the autograd graph task running now, if any
+        self.task_sync = True
+
+    def after_forward(self, model: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        hook = functools.partial(self.before_backward, model, self.sync)
+        for tensor in _find_tensors(output):
+            if tensor.requires_grad:
+                tensor.register_hook(hook)
+
+    def before_backward(self, model: FSDPModule, sync: bool, grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self.task:
+            self.task, self.task_sync = task, sync
+            torch.autograd.Variable._execution_engine.queue_callback(
+                functools.partial(self.after_backward, model))
+        # One backward of graphs built both ways (a sum of their losses) is reduced: what
+        # the local ones accumulated before is reduced with it.
+        self.task_sync = self.task_sync or sync
+        model.set_requires_gradient_sync(self.task_sync)
+
+    def after_backward(self, model: FSDPModule) -> None:
+        # Graphs of forwards from before the first set_grad_sync carry no hook: on for them.
+        self.task = None
+        model.set_requires_gradient_sync(True)
 
 
 def join(model: nn.Module) -> contextlib.AbstractContextManager[None]:

@@ -15,6 +15,8 @@ from accel.context import Context
 
 # State dicts go through torch.distributed.checkpoint, the same for every torch engine.
 get_state_dict = state.get_state_dict
+# DTensor-aware (tensor_parallel without data parallelism); torch's clip_grad_norm_ otherwise.
+clip_grad_norm = state.clip_grad_norm
 set_state_dict = state.set_state_dict
 
 
@@ -49,12 +51,10 @@ def backward(loss: torch.Tensor, optimizer: Any, **kwargs: Any) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward(**kwargs)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch.Tensor:
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
-
-
 def clip_grad_value(model: nn.Module, clip_value: float) -> None:
-    torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if params:  # torch's clip_grad_value_ raises on a model with no gradient yet
+        torch.nn.utils.clip_grad_value_(params, clip_value)
 
 
 def join(model: nn.Module) -> contextlib.AbstractContextManager[None]:

@@ -27,8 +27,9 @@ from accel.backends import COLLECTIVE_BACKWARD, BuiltinStrategy, single
 from accel.backends import _state as state
 from accel.backends._optimizer import AccelOptimizer
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError
+from accel.errors import IncompatibleOptionsError, InvalidOptionError
 from accel.runtime.xla import torch_xla_modules as _torch_xla
+from accel.validation import check_bool, check_str, option_validator, shown
 
 # One XLA process has no peers to shadow; multi-process XLA has no Join support.
 join = single.join
@@ -42,8 +43,20 @@ _REDUCED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _MOVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _to_optional_tuple(value: Any) -> tuple[Any, ...] | None:
-    return None if value is None else tuple(value)
+def _to_optional_tuple(value: Any) -> Any:
+    """A list as a tuple (frozen configs hash); anything else as it is, for the validator."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _tuple_of(check: Any, allowed: str) -> Any:
+    """An attrs validator: None, or a non-empty tuple each of whose items passes `check`."""
+    def validate(instance: Any, attribute: Any, value: Any) -> None:
+        if value is None or (isinstance(value, tuple) and value and all(map(check, value))):
+            return
+        raise InvalidOptionError(
+            f"accel.XLA: {attribute.name} must be None or {allowed}, got {shown(value)}")
+
+    return validate
 
 
 @attrs.frozen
@@ -69,12 +82,14 @@ class XLA(BuiltinStrategy):
     """
 
     capabilities = frozenset({COLLECTIVE_BACKWARD})
-    mesh_shape: tuple[int, ...] | None = attrs.field(default=None,
-                                                     converter=_to_optional_tuple)
-    axis_names: tuple[str, ...] | None = attrs.field(default=None,
-                                                     converter=_to_optional_tuple)
-    fsdp: bool = False
-    fsdp_axis: str = "fsdp"
+    mesh_shape: tuple[int, ...] | None = attrs.field(
+        default=None, converter=_to_optional_tuple, validator=_tuple_of(
+            lambda size: type(size) is int and size >= 1, "a list of ints >= 1 (devices per axis)"))
+    axis_names: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_to_optional_tuple, validator=_tuple_of(
+            lambda name: isinstance(name, str) and name != "", "a list of axis names (str)"))
+    fsdp: bool = attrs.field(default=False, validator=option_validator("XLA", check_bool))
+    fsdp_axis: str = attrs.field(default="fsdp", validator=option_validator("XLA", check_str))
 
     @property
     def spmd(self) -> bool:
@@ -359,20 +374,55 @@ def set_state_dict(
 
 
 def save_sharded(state_dict: dict[str, Any], path: str) -> None:
-    """Save SPMD-sharded state with torch.distributed.checkpoint and torch_xla's planner."""
+    """Save SPMD-sharded state as safetensors shards (no pickle), with torch_xla's planner.
+
+    `state_dict` holds tensors (in nested dicts). Each process writes its own files; the
+    shapes and offsets live in their headers, which `load_sharded` reads back (torch's
+    FileSystemWriter would add a pickled .metadata, which loading would have to unpickle).
+    """
     import torch.distributed.checkpoint as dcp
 
     _torch_xla()
     from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
 
-    dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(path), planner=SPMDSavePlanner())
+    class OneChunkPerFile(dcp.HuggingFaceStorageWriter):
+        # SPMD: one process holds several shards of a tensor, all under its one name; a
+        # safetensors file keeps one tensor per name, so each shard goes to a file of
+        # its own (file k: every tensor's k-th local shard).
+        def _split_by_storage_plan(self, storage_plan: Any, items: list[Any]
+                                   ) -> dict[int, list[Any]]:
+            files: dict[int, list[Any]] = {}
+            seen: dict[str, int] = {}
+            for item in items:
+                seen[item.index.fqn] = seen.get(item.index.fqn, 0) + 1
+                files.setdefault(seen[item.index.fqn], []).append(item)
+            return files
+
+    dcp.save(state_dict, storage_writer=OneChunkPerFile(path, save_distributed=True),
+             planner=SPMDSavePlanner())
 
 
 def load_sharded(state_dict: dict[str, Any], path: str) -> None:
-    """Load into `state_dict` (device tensors, sharded as they are) in place."""
+    """Load what `save_sharded` wrote into `state_dict` (device tensors, sharded as they
+    are) in place; reads the safetensors headers only, never a pickle.
+
+    Raises:
+        CheckpointNotFoundError: `path` holds no safetensors shards (nothing
+            `save_sharded` wrote; an older save's pickled .metadata is not read).
+    """
+    import pathlib
+
     import torch.distributed.checkpoint as dcp
+
+    from accel.errors import CheckpointNotFoundError
 
     _torch_xla()
     from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
 
-    dcp.load(state_dict, storage_reader=dcp.FileSystemReader(path), planner=SPMDLoadPlanner())
+    if not any(pathlib.Path(path).glob("*.safetensors")):
+        raise CheckpointNotFoundError(
+            f"{path} holds no safetensors shards written by save_sharded; accel does not "
+            "unpickle the .metadata of other torch.distributed.checkpoint folders: save "
+            "the state again with this version's save_sharded")
+    dcp.load(state_dict, storage_reader=dcp.HuggingFaceStorageReader(path),
+             planner=SPMDLoadPlanner())

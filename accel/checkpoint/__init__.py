@@ -14,12 +14,19 @@ from accel.checkpoint.folder import CheckpointFolder
 from accel.checkpoint.load import load_state
 from accel.checkpoint.parts import load_sharded_tensors
 from accel.checkpoint.save import save_state
-from accel.errors import CheckpointNotFoundError, CorruptCheckpointError
+from accel.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    CorruptCheckpointError,
+)
 
 __all__ = [
     "CheckpointFolder",
     "CheckpointInfo",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointSaveError",
     "CorruptCheckpointError",
     "load_model",
     "load_sharded_tensors",

@@ -4,8 +4,12 @@ Layout of a checkpoint directory (format version 1)::
 
     accel.json              metadata: format, versions, world size, backend, step,
                             what was saved (with saved.tied: {alias: kept name} of tied
-                            weights, stored once under the kept name), and every file's
-                            size and CRC32 (computed while writing)
+                            weights, stored once under the kept name; saved.
+                            optimizer_class / scheduler_class: the classes' names, absent
+                            from checkpoints of earlier accel versions, whose readers
+                            ignore them), and every file's size and CRC32 (computed
+                            while writing); written last: a checkpoint is complete once
+                            every file it lists is there with its size
     model.json              the model state's structure (tensors referenced by key)
     model.safetensors       full layout: the whole model state, keys = parameter names
     model/                  sharded layout: torch.distributed.checkpoint directory with
@@ -38,6 +42,8 @@ from accel.checkpoint.files import (
 from accel.context import Context
 from accel.errors import (
     AccelError,
+    CheckpointMismatchError,
+    CheckpointSaveError,
     IncompatibleOptionsError,
     InvalidArgumentError,
     UnsupportedError,
@@ -52,13 +58,18 @@ RESERVED = frozenset({"step", "verify"})
 
 @attrs.frozen
 class CheckpointInfo:
-    """What `load_state` loaded: where from, at which step, saved by which world."""
+    """What `load_state` loaded: where from, at which step, saved by which world.
+
+    `recovered` is True when the path asked for held no checkpoint and `path` is the
+    survivor of a save interrupted while replacing it (a warning says so too).
+    """
 
     path: Path
     step: int | None
     world_size: int
     backend: str
     metadata: dict[str, Any] = attrs.field(eq=False, repr=False)
+    recovered: bool = False
 
 
 def check_extras(extra: dict[str, Any], verb: str) -> None:
@@ -77,27 +88,31 @@ def agree(ctx: Context, error: BaseException | None, what: str) -> None:
     Raises:
         AccelError: the first failed rank's error; the same type on that rank itself.
     """
-    if not ctx.is_distributed:
-        if error is not None:
-            raise error
-        return
-    reports = ops.gather_object({"error": None if error is None else _describe(error)}, ctx)
-    failed = [(rank, report["error"]) for rank, report in enumerate(reports) if report["error"]]
+    reports = ops.gather_object({"error": describe_error(error)}, ctx, ranks="all")
+    raise_failures(error, reports, what)
+
+
+def raise_failures(error: BaseException | None, reports: list[dict[str, Any]],
+                   what: str) -> None:
+    """Raise this rank's `error`, else the first error the other ranks `reports` hold."""
     if error is not None:
         raise error
+    failed = [(rank, report["error"]) for rank, report in enumerate(reports) if report["error"]]
     if failed:
         rank, message = failed[0]
         raise _error_type(message)(f"rank {rank} failed while {what}: {message}")
 
 
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+def describe_error(error: BaseException | None) -> str | None:
+    """"Type: message" of `error` for the other ranks (None: no error)."""
+    return None if error is None else f"{type(error).__name__}: {error}"
 
 
 def _error_type(message: str) -> type[AccelError]:
     """The accel error type named at the start of a report from another rank."""
     known = (CorruptCheckpointError, CheckpointNotFoundError, InvalidArgumentError,
-             IncompatibleOptionsError, UnsupportedError)
+             IncompatibleOptionsError, UnsupportedError, CheckpointSaveError,
+             CheckpointMismatchError)
     name = message.split(":", 1)[0]
     return next((kind for kind in known if kind.__name__ == name), AccelError)
 
@@ -111,7 +126,7 @@ def on_main(ctx: Context, fn: Callable[[], Any], what: str) -> Any:
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = exc
     outcome = ops.broadcast_object(
-        {"result": result, "error": None if error is None else _describe(error)}, ctx)
+        {"result": result, "error": describe_error(error)}, ctx)
     if error is not None:
         raise error
     if outcome["error"] is not None:
@@ -127,11 +142,11 @@ def file_records(root: Path, written: dict[str, Record], ctx: Context) -> dict[s
     shared filesystem); they are still in the page cache.
     """
     records: dict[str, Record] = {}
-    for part in ops.gather_object({"records": written}, ctx):
+    for part in ops.gather_object({"records": written}, ctx, ranks="all"):
         records.update(part["records"])
     rest = [name for name in all_files(root) if name not in records]
     mine = describe(root, rest[ctx.rank::ctx.world_size])
-    for part in ops.gather_object({"records": mine}, ctx):
+    for part in ops.gather_object({"records": mine}, ctx, ranks="all"):
         records.update(part["records"])
     return records
 

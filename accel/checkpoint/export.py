@@ -22,12 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 from accel.backends import ENGINE_HOLDS_WEIGHTS, backend_for, has_capability
 from accel.checkpoint.files import output_folder, replacing
 from accel.checkpoint.ties import alias_groups, identity, kept_names
+from accel.checkpoint.validate import raise_if_different, shape_of
 from accel.checkpoint.weights import (
     INDEX_NAME,
     WEIGHTS_NAME,
     TensorSpec,
     WeightFiles,
-    few,
     spec_of,
     write_safetensors_shards,
     write_text,
@@ -159,7 +159,8 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
     before any weight is copied. An FSDP2 rank keeps only its own slice of each tensor.
 
     Raises:
-        InvalidArgumentError: with strict=True, names the missing and unexpected tensors;
+        CheckpointMismatchError: (an InvalidArgumentError) listing every difference, before
+            anything is copied: with strict=True, the missing and unexpected tensors;
             always, tensors whose shapes differ.
         CorruptCheckpointError: a truncated or unreadable file (named).
         UntrustedCheckpointError: the index names a file outside the folder.
@@ -170,13 +171,7 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
     module = unwrap_for_export(model, ctx)
     targets = module.state_dict(keep_vars=True)
     source_of, result = _match(targets, sources)
-    if strict and (result.missing or result.unexpected):
-        raise InvalidArgumentError(
-            f"{sources.path} does not fit the model: missing {few(result.missing)}, "
-            f"unexpected {few(result.unexpected)}; pass strict=False to load what matches"
-        )
-    for name, source in source_of.items():
-        sources.check_shape(source, name, tuple(targets[name].shape))
+    _check_fits(sources, targets, source_of, result if strict else None)
     if has_capability(ctx, ENGINE_HOLDS_WEIGHTS):
         full = {name: sources.read(src) for name, src in source_of.items()} if ctx.rank == 0 else {}
         backend_for(ctx).set_state_dict(model, None, full, None, full=True)
@@ -206,6 +201,28 @@ def _match(targets: dict[str, torch.Tensor], sources: WeightFiles
             missing.append(name)
     unexpected = sorted(available - set(targets))
     return source_of, LoadResult(missing, unexpected)
+
+
+def _check_fits(sources: WeightFiles, targets: dict[str, torch.Tensor],
+                source_of: dict[str, str], names: LoadResult | None) -> None:
+    """Every difference between the weights and the model (`names`: strict only).
+
+    Raises:
+        CheckpointMismatchError: listing them all.
+    """
+    found = []
+    if names is not None and names.missing:
+        found.append(f"missing {', '.join(names.missing)} (the model has them, the weights not)")
+    if names is not None and names.unexpected:
+        found.append(f"unexpected {', '.join(names.unexpected)} (in the weights, not the model)")
+    for name, source in source_of.items():
+        saved, shape = sources.spec(source).shape, shape_of(targets[name])
+        if saved != shape:
+            found.append(f"{source} in {sources.file_of[source].name} has shape {list(saved)}, "
+                         f"the model's {name} has {list(shape)}")
+    raise_if_different(found, sources.path, (
+        "Load weights saved from this model, or pass strict=False to load only the tensors "
+        "that both hold (their shapes must still match)."))
 
 
 def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import mmap
 import os
-import shutil
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,6 +24,7 @@ from typing import Any
 
 # Defined in accel.errors; imported from here by the rest of the package.
 from accel.errors import (
+    AccelError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -36,6 +36,8 @@ __all__ = ["CheckpointNotFoundError", "CorruptCheckpointError"]
 _CHUNK = 16 << 20
 #: marks a temporary directory (a save in progress, or a replaced one being deleted).
 TMP_MARK = ".tmp-"
+#: a checkpoint's metadata file, written last: the list of its files, sizes and checksums.
+METADATA = "accel.json"
 #: what a checksum record holds: {"bytes": int, "crc32": "8 hex digits"}.
 Record = dict[str, Any]
 
@@ -231,28 +233,6 @@ def _roots(root: Path) -> list[Path]:
                     .startswith(("models--", "datasets--", "spaces--")))]
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Put the finished folder `staging` at `target` atomically; fsynced before and after.
-
-    An existing `target` folder is renamed aside first and deleted afterwards, so a
-    crash leaves either the old or the new folder under the name, never a mix.
-
-    Raises:
-        InvalidArgumentError: `target` exists and is not a folder.
-    """
-    fsync_dirs(staging)
-    previous = None
-    if target.exists():
-        if not target.is_dir():
-            raise InvalidArgumentError(f"{target} exists and is not a folder; choose another path")
-        previous = tmp_path(target)
-        os.replace(target, previous)
-    os.replace(staging, target)
-    fsync_path(target.parent)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-
-
 def all_files(root: Path) -> list[str]:
     """Every file under `root`, as sorted paths relative to it."""
     return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
@@ -279,10 +259,20 @@ def check_sizes(root: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
         CorruptCheckpointError: naming the first file missing or of another size.
     """
     for name, record in sorted(records.items()):
-        path = inside(root, name, root / "accel.json")
+        path = inside(root, name, root / METADATA)
         if not path.is_file():
             raise CorruptCheckpointError(f"the checkpoint file {path} is missing")
         _check_size(path, path.stat().st_size, record)
+
+
+def is_complete(path: Path) -> bool:
+    """Whether `path` holds a finished checkpoint: every file its accel.json lists is
+    there with its recorded size (a stat each; the checksums are checked on load)."""
+    try:
+        check_sizes(path, json.loads((path / METADATA).read_bytes())["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, AccelError):
+        return False
+    return True
 
 
 def verify(root: Path, records: Mapping[str, Mapping[str, Any]], names: Iterable[str]) -> None:
@@ -296,11 +286,11 @@ def verify(root: Path, records: Mapping[str, Mapping[str, Any]], names: Iterable
             (truncated) or another checksum (corrupted).
     """
     for name in names:
-        path = inside(root, name, root / "accel.json")
+        path = inside(root, name, root / METADATA)
         record = records.get(name)
         if record is None:
             raise CorruptCheckpointError(
-                f"{path} is not listed in {root / 'accel.json'}: the checkpoint is mixed up")
+                f"{path} is not listed in {root / METADATA}: the checkpoint is mixed up")
         if not path.is_file():
             raise CorruptCheckpointError(f"the checkpoint file {path} is missing")
         _check_size(path, path.stat().st_size, record)

@@ -1,23 +1,30 @@
 """A folder of numbered checkpoints: automatic numbering, `total_limit` rotation, `latest`.
 
 Everything is computed from the directory itself, never from a counter in memory or a
-``latest`` symlink: a checkpoint exists once its final name does (the name appears by an
-atomic rename after every file is on disk), the next number follows the highest one
-present, and a half-written save (a ``*.tmp-*`` directory) is never counted.
+``latest`` symlink, so several jobs may save into one folder. A save is written under a
+temporary name (see `accel.checkpoint.staging`) and gets its number when it is complete:
+the finished folder is renamed to one past the highest number present, and a rename onto
+a number that exists fails (a directory is only ever renamed onto a missing or empty
+one), so the next number is tried: no number is handed out twice, and a numbered folder
+is never one being filled. A checkpoint counts once every file its accel.json lists is
+there with its recorded size; temporary folders are never counted.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shutil
 from pathlib import Path
 
 import attrs
 
-from accel.checkpoint.files import TMP_MARK, fsync_path, tmp_path
+from accel.checkpoint.files import METADATA, TMP_MARK, fsync_path, is_complete
+from accel.checkpoint.staging import remove_stale, tmp_name
 from accel.errors import InvalidArgumentError
 
-METADATA = "accel.json"
+__all__ = ["METADATA", "CheckpointFolder"]
 
 
 def _to_path(value: str | Path) -> Path:
@@ -61,26 +68,54 @@ class CheckpointFolder:
         match = re.fullmatch(re.escape(self.prefix) + r"(\d+)", path.name)
         return int(match.group(1)) if match else None
 
-    def checkpoints(self) -> list[Path]:
-        """The complete checkpoints, oldest first."""
+    def numbered(self) -> list[Path]:
+        """Every folder named like a checkpoint of this folder, complete or not, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [(self.number_of(path), path) for path in self.root.iterdir()]
-        complete = [(number, path) for number, path in found
-                    if number is not None and (path / METADATA).is_file()]
-        return [path for _, path in sorted(complete)]
+        found = [(number, path) for path in self.root.iterdir()
+                 if (number := self.number_of(path)) is not None]
+        return [path for _, path in sorted(found)]
+
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoints, oldest first."""
+        return [path for path in self.numbered() if is_complete(path)]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None when there is none yet."""
-        found = self.checkpoints()
-        return found[-1] if found else None
+        return next((path for path in reversed(self.numbered()) if is_complete(path)), None)
 
     def next_path(self) -> Path:
-        """Where the next save goes: one past the highest number present."""
-        numbers = [self.number_of(path) for path in self.root.iterdir()] if (
-            self.root.is_dir()) else []
-        highest = max((number for number in numbers if number is not None), default=0)
-        return self.root / self.name(highest + 1)
+        """Where the next save goes: one past the highest number present (another job
+        saving into this folder at the same time may take it first)."""
+        found = self.numbered()
+        return self.root / self.name(self.number_of(found[-1]) + 1 if found else 1)
+
+    @property
+    def staging(self) -> Path:
+        """What a save in progress is named after (with a temporary mark): ``PREFIXnew``."""
+        return self.root / f"{self.prefix}new"
+
+    def owns(self, stem: str) -> bool:
+        """Whether a temporary folder named ``STEM.tmp-...`` is one of this folder's saves
+        (``PREFIXnew``) or of its rotation (``PREFIX000003``)."""
+        return stem == self.staging.name or self.number_of(Path(stem)) is not None
+
+    def commit(self, staging: Path) -> Path:
+        """Give the finished folder `staging` the next free number; return its final path.
+
+        Raises:
+            OSError: the rename failed otherwise (a full disk, a read-only folder).
+        """
+        while True:
+            final = self.next_path()
+            try:
+                os.rename(staging, final)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                continue  # another job took this number first
+            fsync_path(self.root)
+            return final
 
     def rotate(self) -> list[Path]:
         """Delete the oldest complete checkpoints beyond `total_limit`; return them."""
@@ -91,20 +126,20 @@ class CheckpointFolder:
             remove_atomically(path)
         return doomed
 
-
-def remove_partial(parent: Path, stem: str | None = None) -> None:
-    """Delete temporary directories left by interrupted saves (of `stem` only, if given)."""
-    if not parent.is_dir():
-        return
-    for path in parent.iterdir():
-        name, mark, _ = path.name.partition(TMP_MARK)
-        if mark and path.is_dir() and (stem is None or name == stem):
-            shutil.rmtree(path, ignore_errors=True)
+    def clean(self) -> None:
+        """Delete this folder's stale temporary folders (see `accel.checkpoint.staging`)."""
+        remove_stale(self.root, self.owns, keep_complete=False)
 
 
 def remove_atomically(path: Path) -> None:
-    """Rename to a temporary name first, so a crash mid-delete leaves no half checkpoint."""
-    doomed = tmp_path(path)
-    path.rename(doomed)
+    """Rename to a temporary name first, so a crash mid-delete leaves no half checkpoint.
+
+    A checkpoint another job's rotation removes at the same time is skipped.
+    """
+    doomed = tmp_name(path)
+    try:
+        path.rename(doomed)
+    except FileNotFoundError:
+        return
     fsync_path(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from accel.backends import backend_for
+from accel.backends import ENGINE_HOLDS_WEIGHTS, backend_for, has_capability
 from accel.checkpoint.common import (
     CheckpointInfo,
     agree,
@@ -16,13 +16,34 @@ from accel.checkpoint.common import (
     check_metadata,
     on_main,
 )
-from accel.checkpoint.files import Record, read_json
-from accel.checkpoint.folder import METADATA, CheckpointFolder
-from accel.checkpoint.parts import read_part, read_sharded_part, set_rng_state
+from accel.checkpoint.export import unwrap_for_export
+from accel.checkpoint.files import METADATA, Record, read_json
+from accel.checkpoint.folder import CheckpointFolder
+from accel.checkpoint.parts import (
+    read_part,
+    read_sharded_part,
+    set_rng_state,
+    sharded_skeleton,
+)
+from accel.checkpoint.staging import survivors
 from accel.checkpoint.ties import drop_aliases, restore_aliases
+from accel.checkpoint.validate import (
+    model_differences,
+    optimizer_differences,
+    raise_if_different,
+    scheduler_differences,
+)
 from accel.context import Context
 from accel.errors import CheckpointNotFoundError, IncompatibleOptionsError, UnsupportedError
+from accel.runtime.logging import get_logger
 from accel.transforms.optim import AccelOptimizer
+
+MISMATCH_FIX = (
+    "Load it into the same setup that saved it: the same layers and sizes, optimizer class "
+    "and param groups, and scheduler class (an LR scheduler adds initial_lr to the param "
+    "groups: build it before loading), or pass optimizer=None / scheduler=None to leave "
+    "those out. To load only the weights into another model, export them with save_model "
+    "and load them with load_model(..., strict=False).")
 
 
 def load_state(
@@ -47,9 +68,16 @@ def load_state(
     Returns:
         A `CheckpointInfo` (path, step, the saving world's size and backend).
 
+    A plain `path` that holds no checkpoint because a save over it was interrupted
+    loads the complete one that save left beside it (logged as a warning;
+    `CheckpointInfo.recovered`).
+
     Raises:
         CheckpointNotFoundError: no complete checkpoint at `path` (or in the folder).
         CorruptCheckpointError: a file is missing, truncated or corrupted (named).
+        CheckpointMismatchError: the checkpoint does not fit the model, optimizer or
+            scheduler (every difference listed); checked before anything is loaded, so
+            they are left as they were.
         IncompatibleOptionsError: something asked for was not saved, or cannot be
             restored in this world (say what to pass instead).
 
@@ -57,7 +85,11 @@ def load_state(
     >>> start = info.step
     """
     check_extras(extra, "load_state")
-    final = on_main(ctx, lambda: _resolve(path), "finding the checkpoint")
+    final, recovered = on_main(ctx, lambda: _resolve(path), "finding the checkpoint")
+    if recovered:
+        get_logger(__name__, ctx).warning(
+            "%s holds no checkpoint: a save over it was interrupted; loading the complete "
+            "one it left beside it, %s", path, final)
     metadata = check_metadata(read_json(final / METADATA), final)
     _check_request(metadata, ctx, final, optimizer=optimizer, scheduler=scheduler,
                    loader=loader, rng=rng, extra=extra)
@@ -72,6 +104,8 @@ def load_state(
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it
         error = exc
     agree(ctx, error, f"reading the checkpoint {final}")
+    _check_fits(final, metadata, ctx, parts, model=model, optimizer=optimizer,
+                scheduler=scheduler)
     _load_model_and_optimizer(final, metadata, ctx, model, optimizer, parts)
     _restore_main_state(parts["state"], optimizer, scheduler, extra)
     if loader is not None:
@@ -80,7 +114,7 @@ def load_state(
         set_rng_state(parts["rank"]["rng"])
     return CheckpointInfo(path=final, step=metadata.get("step"),
                           world_size=metadata["world_size"], backend=metadata["backend"],
-                          metadata=metadata)
+                          metadata=metadata, recovered=recovered)
 
 
 def _read_piecewise(metadata: dict[str, Any], optimizer: Any) -> list[str]:
@@ -107,20 +141,24 @@ def _read_parts(final: Path, metadata: dict[str, Any], ctx: Context,
     return parts
 
 
-def _resolve(path: str | Path | CheckpointFolder) -> Path:
+def _resolve(path: str | Path | CheckpointFolder) -> tuple[Path, bool]:
+    """The checkpoint to load, and whether it is the survivor of an interrupted swap."""
     if isinstance(path, CheckpointFolder):
         latest = path.latest()
         if latest is None:
             raise CheckpointNotFoundError(
                 f"{path.root} holds no complete checkpoint yet; check folder.latest() is "
                 "not None before loading (a first run starts from scratch)")
-        return latest
+        return latest, False
     final = Path(path)
-    if not (final / METADATA).is_file():
-        raise CheckpointNotFoundError(
-            f"{final} is not a complete accel checkpoint (it has no {METADATA}): the path "
-            "is wrong, or the save that was writing it was interrupted")
-    return final
+    if (final / METADATA).is_file():
+        return final, False
+    found = survivors(final)
+    if found:
+        return found[0], True
+    raise CheckpointNotFoundError(
+        f"{final} is not a complete accel checkpoint (it has no {METADATA}): the path "
+        "is wrong, or the save that was writing it was interrupted")
 
 
 def _check_request(metadata: dict[str, Any], ctx: Context, final: Path, **asked: Any) -> None:
@@ -145,6 +183,46 @@ def _check_request(metadata: dict[str, Any], ctx: Context, final: Path, **asked:
             f"{ctx.world_size}: the per-rank {per_rank} states cannot be restored; pass "
             "rng=False and loader=None (model and optimizer load on any world size from a "
             "sharded checkpoint)")
+
+
+def _check_fits(final: Path, metadata: dict[str, Any], ctx: Context, parts: dict[str, Any],
+                *, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Before anything is loaded: the checkpoint fits the model, optimizer and scheduler.
+
+    Rank 0 compares (it holds the full parts); every rank agrees.
+
+    Raises:
+        CheckpointMismatchError: listing every difference.
+        CorruptCheckpointError: a sharded part's file header does not fit its data.
+    """
+    module = unwrap_for_export(model, ctx)
+    target = module.state_dict(keep_vars=True)  # on every rank: hooks may be collective
+    error = None
+    if ctx.is_main_process:
+        try:
+            _compare(final, metadata, ctx, parts, module, target, optimizer, scheduler)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it
+            error = exc
+    agree(ctx, error, f"checking that {final} fits")
+
+
+def _compare(final: Path, metadata: dict[str, Any], ctx: Context, parts: dict[str, Any],
+             module: nn.Module, target: dict[str, Any], optimizer: Any, scheduler: Any) -> None:
+    saved = metadata["saved"]
+    if metadata["layout"] == "full":
+        model_state, optimizer_state = parts["model"], parts.get("optimizer")
+    else:
+        model_state = sharded_skeleton(final, "model")
+        optimizer_state = sharded_skeleton(final, "optimizer") if optimizer is not None else None
+    # ZeRO's saved weights are its fp32 masters, and it regroups the parameters.
+    engine_holds = has_capability(ctx, ENGINE_HOLDS_WEIGHTS)
+    found = model_differences(restore_aliases(model_state, saved.get("tied", {})), target,
+                              dtypes=not engine_holds)
+    if optimizer is not None:
+        found += optimizer_differences(optimizer_state, saved.get("optimizer_class"), optimizer,
+                                       module, structure=not engine_holds)
+    found += scheduler_differences(saved.get("scheduler_class"), scheduler)
+    raise_if_different(found, final, MISMATCH_FIX)
 
 
 def _load_model_and_optimizer(final: Path, metadata: dict[str, Any], ctx: Context,

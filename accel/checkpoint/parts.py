@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from accel.checkpoint.files import Record, read_json, write_json
 from accel.checkpoint.folder import METADATA
 from accel.checkpoint.tree import flatten, tensor_keys, unflatten
-from accel.checkpoint.weights import read_tensors, write_tensors
+from accel.checkpoint.weights import names_in, read_tensors, write_tensors
 from accel.context import Context
 from accel.errors import (
     CorruptCheckpointError,
@@ -90,6 +90,18 @@ def read_sharded_part(root: Path, name: str, target: Any, ctx: Context) -> Any:
     return unflatten(skeleton, tensors, source=str(root / name))
 
 
+def sharded_skeleton(root: Path, name: str) -> Any:
+    """The tree a sharded part holds, with meta tensors (shape and dtype, no data) for its
+    tensors: read from the headers only.
+
+    Raises:
+        CorruptCheckpointError: a shard file's header does not fit its data.
+    """
+    tensors = {key: torch.empty(shape, dtype=dtype, device="meta")
+               for key, (shape, dtype) in sharded_tensor_specs(root / name).items()}
+    return unflatten(read_json(root / f"{name}.json"), tensors, source=str(root / name))
+
+
 def sharded_tensor_specs(directory: str | Path, *, trust_pickle: bool = False
                          ) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """{key: (shape, dtype)} of every tensor in a sharded part (from its metadata only).
@@ -99,9 +111,12 @@ def sharded_tensor_specs(directory: str | Path, *, trust_pickle: bool = False
 
     Raises:
         UntrustedCheckpointError: a plain DCP folder, without trust_pickle=True.
+        CorruptCheckpointError: a shard file's header does not fit its data.
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        names_in(file)  # the header fits the data: safe_open checks it, naming the file
     entries = _reader(directory, trust_pickle).read_metadata().state_dict_metadata
     return {key: (meta.size, meta.properties.dtype) for key, meta in entries.items()
             if isinstance(meta, TensorStorageMetadata)}

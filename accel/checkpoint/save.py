@@ -1,41 +1,53 @@
 """`save_state`: model, optimizer, scheduler, loader, RNG states, step and extras, atomically.
 
-Sequence (every rank): rank 0 picks the final name and a fresh ``NAME.tmp-ID`` directory;
-every rank writes its files there, checksumming them as it writes, and fsyncs them; the
-ranks agree that all writes succeeded and pool the files' sizes and checksums (the
-files torch wrote for a sharded part are read back for theirs, split over the ranks);
-rank 0 writes accel.json, fsyncs the directories, renames the temporary directory to its
-final name and fsyncs the parent; the ranks agree once more before returning.
-Tied weights are saved under one name (see `accel.checkpoint.ties`). A crash at any
-point leaves the previous checkpoints as they were and at most a ``*.tmp-*`` directory,
-which every reader ignores and the next save removes.
+Sequence (every rank): rank 0 makes a fresh temporary directory beside the target
+(``NAME.tmp-HOST-PID-ID``, see `accel.checkpoint.staging`); every rank writes its files
+there, checksumming them as it writes, and fsyncs them; the ranks agree that all writes
+succeeded and pool the files' sizes and checksums (the files torch wrote for a sharded
+part are read back for theirs, split over the ranks); rank 0 writes accel.json, fsyncs
+the directories and moves the directory into place: onto the next free number of a
+`CheckpointFolder`, or swapped with the checkpoint at a plain path (`staging.swap_in`);
+the ranks agree once more before returning. Tied weights are saved under one name (see
+`accel.checkpoint.ties`). A crash at any point leaves the previous checkpoints as they
+were and at most a temporary directory, which every reader ignores and a later save
+removes once it is stale. A save that fails (a full disk) removes its temporary
+directory at once and raises `CheckpointSaveError` on every rank.
 """
 
 from __future__ import annotations
 
 import datetime
+import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
 from accel.backends import SHARDED_CHECKPOINT, backend_for, has_capability
 from accel.checkpoint.common import (
     FORMAT,
     FORMAT_VERSION,
-    agree,
     check_extras,
+    describe_error,
     file_records,
     on_main,
+    raise_failures,
     versions,
 )
 from accel.checkpoint.export import unwrap_for_export
-from accel.checkpoint.files import Record, replace_dir, tmp_path, write_json
-from accel.checkpoint.folder import METADATA, CheckpointFolder, remove_partial
+from accel.checkpoint.files import METADATA, Record, fsync_dirs, write_json
+from accel.checkpoint.folder import CheckpointFolder
 from accel.checkpoint.parts import rng_state, write_part, write_sharded_part
+from accel.checkpoint.staging import finish, new_staging, remove_stale, swap_in
 from accel.checkpoint.ties import drop_aliases, tied_aliases
+from accel.checkpoint.validate import optimizer_class, scheduler_class
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError, InvalidArgumentError
+from accel.errors import CheckpointSaveError, IncompatibleOptionsError, InvalidArgumentError
+from accel.inference.memory import format_size
+from accel.runtime import ops
 from accel.transforms.optim import AccelOptimizer
 
 
@@ -70,19 +82,23 @@ def save_state(
     """
     check_extras(extra, "save_state")
     _check_at_boundary(optimizer)
-    final, tmp = on_main(ctx, lambda: _begin(path), "preparing the checkpoint directory")
+    tmp = on_main(ctx, lambda: _begin(path), "preparing the checkpoint directory")
+    target = path.root if isinstance(path, CheckpointFolder) else Path(path)
     sharded = has_capability(ctx, SHARDED_CHECKPOINT)
-    error, saved, written = None, {}, {}
     try:
-        saved, written = _write_all(tmp, ctx, model, optimizer, scheduler, loader, rng, step,
-                                    extra, sharded)
-    except Exception as exc:  # noqa: BLE001 - every rank must hear of it
-        error = exc
-    agree(ctx, error, f"writing the checkpoint {final}")
-    records = file_records(tmp, written, ctx)
-    metadata = _metadata(ctx, saved, records, sharded)
-    on_main(ctx, lambda: _commit(tmp, final, metadata, path), f"committing {final}")
-    return final
+        error, saved, written = None, {}, {}
+        try:
+            saved, written = _write_all(tmp, ctx, model, optimizer, scheduler, loader, rng,
+                                        step, extra, sharded)
+        except (Exception, CheckpointException) as exc:  # every rank must hear of it
+            error = exc
+        _agree_written(ctx, error, tmp, target, _state_bytes(model, optimizer, ctx), sharded)
+        records = file_records(tmp, written, ctx)
+        metadata = _metadata(ctx, saved, records, sharded)
+        return on_main(ctx, lambda: _commit(tmp, path, metadata), f"committing {target}")
+    finally:
+        if ctx.is_main_process:  # after a commit nothing is left there
+            finish(tmp, remove=True)
 
 
 def _check_at_boundary(optimizer: Any) -> None:
@@ -96,19 +112,19 @@ def _check_at_boundary(optimizer: Any) -> None:
             "optimizer.accumulation.micro_step == 0)")
 
 
-def _begin(path: str | Path | CheckpointFolder) -> tuple[Path, Path]:
+def _begin(path: str | Path | CheckpointFolder) -> Path:
+    """Make the temporary directory a save writes into; clear stale ones first."""
     if isinstance(path, CheckpointFolder):
         path.root.mkdir(parents=True, exist_ok=True)
-        remove_partial(path.root)
-        final = path.next_path()
-    else:
-        final = Path(path)
-        _check_replaceable(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_partial(final.parent, final.name)
-    tmp = tmp_path(final)
-    tmp.mkdir()
-    return final, tmp
+        path.clean()
+        return new_staging(path.staging)
+    final = Path(path)
+    _check_replaceable(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # A complete one may be the only copy left by a save killed mid-swap: kept until
+    # this save's checkpoint is in place (see _commit).
+    remove_stale(final.parent, final.name.__eq__, keep_complete=True)
+    return new_staging(final)
 
 
 def _check_replaceable(final: Path) -> None:
@@ -147,7 +163,9 @@ def _write_all(tmp: Path, ctx: Context, model: nn.Module, optimizer: Any, schedu
         records.update(write_part(tmp, "state", _main_state(optimizer, scheduler, step, extra)))
     saved = {"model": True, "optimizer": optimizer is not None,
              "scheduler": scheduler is not None, "loader": loader is not None, "rng": rng,
-             "extra": sorted(extra), "step": step, "tied": tied}
+             "extra": sorted(extra), "step": step, "tied": tied,
+             "optimizer_class": optimizer_class(optimizer),
+             "scheduler_class": scheduler_class(scheduler)}
     return saved, records
 
 
@@ -180,9 +198,87 @@ def _metadata(ctx: Context, saved: dict[str, Any], records: dict[str, Any],
     }
 
 
-def _commit(tmp: Path, final: Path, metadata: dict[str, Any],
-            path: str | Path | CheckpointFolder) -> None:
-    write_json(tmp / METADATA, metadata)
-    replace_dir(tmp, final)  # a checkpoint already at `final` is swapped out, then deleted
-    if isinstance(path, CheckpointFolder):
-        path.rotate()
+def _agree_written(ctx: Context, error: BaseException | None, tmp: Path, target: Path,
+                   size: int, sharded: bool) -> None:
+    """Every rank learns whether every rank wrote its files; if one did not, rank 0 removes
+    `tmp` and every rank raises (`size`: this rank's share of the state, in bytes).
+
+    Raises:
+        CheckpointSaveError: a rank could not write (disk full, ...): names the space
+            free and needed.
+        AccelError: a rank failed otherwise (a state that cannot be saved): its error.
+    """
+    reports = ops.gather_object({"error": _summary(error, ctx.rank), "bytes": size,
+                                 "io": isinstance(error, (OSError, CheckpointException))},
+                                ctx, ranks="all")
+    failed = [(rank, report) for rank, report in enumerate(reports) if report["error"]]
+    if not failed:
+        return
+    free = on_main(ctx, lambda: _discard(tmp), f"removing {tmp}")
+    writes = [(rank, report["error"]) for rank, report in failed if report["io"]]
+    if not writes:
+        raise_failures(error, reports, f"writing the checkpoint {target}")
+    needed = sum(report["bytes"] for report in reports) if sharded else reports[0]["bytes"]
+    raise _save_error(target, tmp, writes[0][1], free, needed, error) from error
+
+
+def _commit(tmp: Path, path: str | Path | CheckpointFolder, metadata: dict[str, Any]) -> Path:
+    """Write accel.json and move `tmp` into place; the final path."""
+    folder = path if isinstance(path, CheckpointFolder) else None
+    final = Path(path) if folder is None else None
+    try:
+        write_json(tmp / METADATA, metadata)
+        fsync_dirs(tmp)
+        if folder is not None:
+            final = folder.commit(tmp)
+        else:
+            swap_in(tmp, final)
+    except OSError as exc:
+        needed = sum(record["bytes"] for record in metadata["files"].values())
+        where = folder.root if folder is not None else final
+        raise _save_error(where, tmp, _summary(exc, 0), _discard(tmp), needed, exc) from exc
+    if folder is not None:
+        folder.rotate()
+    else:  # now that it is in place, what an interrupted earlier swap left may go
+        remove_stale(final.parent, final.name.__eq__, keep_complete=False)
+    return final
+
+
+def _discard(tmp: Path) -> int:
+    """Remove a failed save's temporary directory; the bytes then free on its filesystem."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    return shutil.disk_usage(tmp.parent).free
+
+
+def _save_error(target: Path, tmp: Path, cause: str, free: int, needed: int,
+                error: BaseException | None) -> CheckpointSaveError:
+    failure = CheckpointSaveError(
+        f"could not save the checkpoint {target}: {cause}. {tmp.parent} has "
+        f"{format_size(free)} free and the checkpoint needs about {format_size(needed)}; "
+        f"its partial folder {tmp.name} was removed. Free space, save elsewhere, or keep "
+        "fewer checkpoints (CheckpointFolder(..., total_limit=N))")
+    failure.errno = getattr(error, "errno", None)  # ENOSPC, where this rank saw it
+    return failure
+
+
+def _summary(error: BaseException | None, rank: int) -> str | None:
+    """"rank R: Type: message" of `error` (on `rank`); for torch's CheckpointException,
+    each failed rank's own error."""
+    if error is None:
+        return None
+    failures = error.failures if isinstance(error, CheckpointException) else {rank: (error,)}
+    return "; ".join(f"rank {failed}: {describe_error(failure[0])}"
+                     for failed, failure in sorted(failures.items()))
+
+
+def _state_bytes(model: nn.Module, optimizer: Any, ctx: Context) -> int:
+    """About how many bytes this rank's model and optimizer tensors take (a shard's own)."""
+    tensors = list(unwrap_for_export(model, ctx).state_dict(keep_vars=True).values())
+    for entry in getattr(optimizer, "state", {}).values():
+        if isinstance(entry, dict):
+            tensors += [value for value in entry.values() if isinstance(value, torch.Tensor)]
+    return sum(_local(tensor).numel() * tensor.element_size() for tensor in tensors)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -293,12 +293,6 @@ class WeightFiles:
         """Shape and dtype of `name`, from the file's header (no data read)."""
         return self._specs[name]
 
-    def check_shape(self, source: str, target: str, shape: tuple[int, ...]) -> None:
-        if self._specs[source].shape != shape:
-            raise InvalidArgumentError(
-                f"{source} in {self.file_of[source]} has shape {self._specs[source].shape}, "
-                f"the model's {target} has {shape}: the weights belong to another model")
-
     def read(self, name: str) -> torch.Tensor:
         file = self.file_of[name]
         if file.suffix != ".safetensors":
@@ -331,7 +325,7 @@ class WeightFiles:
 def _locate(path: Path) -> dict[str, Path]:
     """Tensor name -> file, for a weights file or folder."""
     if path.is_file():
-        return {name: path for name in _names_in(path)}
+        return {name: path for name in names_in(path)}
     # safetensors before pickled files, as transformers: save_model leaves a folder's
     # older pytorch_model.bin(.index.json) in place.
     for file_name in (INDEX_NAME, WEIGHTS_NAME, TORCH_INDEX_NAME, *TORCH_WEIGHTS_NAMES):
@@ -339,7 +333,7 @@ def _locate(path: Path) -> dict[str, Path]:
         if file.is_file() and file_name.endswith(".index.json"):
             return index_files(path, _weight_map(file), file)
         if file.is_file():
-            return {name: file for name in _names_in(file)}
+            return {name: file for name in names_in(file)}
     raise InvalidArgumentError(
         f"{path} holds no weights: expected a .safetensors/.bin/.pt file or a folder with "
         f"{INDEX_NAME}, {WEIGHTS_NAME} or {TORCH_WEIGHTS_NAMES[0]} (save_model writes one)")
@@ -355,7 +349,7 @@ def _weight_map(index: Path) -> dict[str, Any]:
     return weight_map
 
 
-def _names_in(file: Path) -> Iterable[str]:
+def names_in(file: Path) -> Iterable[str]:
     if file.suffix == ".safetensors":
         try:
             with safe_open(os.fspath(file), framework="pt") as handle:

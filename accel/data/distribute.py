@@ -15,12 +15,8 @@ from accel.data.iterable import IterableShard
 from accel.data.loader import DistributedLoader
 from accel.data.samplers import ShardedBatchSampler, SkipFirstBatches
 from accel.data.sources import IterableShardPlan, MapShardPlan, rebuild_loader
-from accel.errors import (
-    IncompatibleOptionsError,
-    InvalidArgumentError,
-    TransformOrderError,
-    UnsupportedError,
-)
+from accel.errors import IncompatibleOptionsError, TransformOrderError, UnsupportedError
+from accel.validation import check_bool, check_context, check_int, check_type
 
 # The user's DataLoaders already distributed, so that a second call is refused without
 # marking them; weak, so an entry goes with its loader.
@@ -86,6 +82,8 @@ def distribute_loader(
     ...     loader.set_epoch(epoch)
     ...     for batch in loader: ...
     """
+    _check_options(ctx, split_batches, even_batches, dispatch_batches, device_placement,
+                   seed, non_blocking)
     _check_loader(loader, ctx, split_batches=split_batches)
     if non_blocking and not device_placement:
         raise IncompatibleOptionsError(
@@ -145,6 +143,17 @@ def _batch_size(loader: DataLoader) -> int | None:
     return getattr(loader.batch_sampler, "batch_size", None)
 
 
+def _check_options(ctx: Any, split_batches: Any, even_batches: Any, dispatch_batches: Any,
+                   device_placement: Any, seed: Any, non_blocking: Any) -> None:
+    check_context("distribute_loader", ctx)
+    for name, value in (("split_batches", split_batches), ("even_batches", even_batches),
+                        ("dispatch_batches", dispatch_batches),
+                        ("device_placement", device_placement)):
+        check_bool("distribute_loader", name, value)
+    check_int("distribute_loader", "seed", seed, minimum=0, optional=True)
+    check_bool("distribute_loader", "non_blocking", non_blocking, optional=True)
+
+
 def _check_loader(loader: Any, ctx: Context, *, split_batches: bool) -> None:
     if isinstance(loader, DistributedLoader) or loader in _DISTRIBUTED or isinstance(
             getattr(loader, "dataset", None), IterableShard) or isinstance(
@@ -153,10 +162,8 @@ def _check_loader(loader: Any, ctx: Context, *, split_batches: bool) -> None:
             "distribute_loader was already applied to this loader; apply it once, to the "
             "original DataLoader, and iterate the DistributedLoader it returns"
         )
-    if not isinstance(loader, DataLoader):
-        raise UnsupportedError(
-            f"distribute_loader needs a torch.utils.data.DataLoader, got {type(loader).__name__}"
-        )
+    check_type("distribute_loader", "loader", loader, DataLoader,
+               "a torch.utils.data.DataLoader", error=UnsupportedError)
     if loader.batch_sampler is None:
         raise UnsupportedError(
             "distribute_loader needs a loader with automatic batching; this one has "
@@ -209,18 +216,12 @@ def skip_first_batches(loader: Any, num_batches: int) -> Any:
 
     >>> loader = accel.skip_first_batches(loader, 2)
     """
-    if not isinstance(num_batches, int) or num_batches < 0:
-        raise InvalidArgumentError(
-            f"skip_first_batches: num_batches must be an int >= 0, got {num_batches!r}"
-        )
+    check_type("skip_first_batches", "loader", loader, (DistributedLoader, DataLoader),
+               "a DistributedLoader or a torch DataLoader", error=UnsupportedError)
+    check_int("skip_first_batches", "num_batches", num_batches, minimum=0)
     if isinstance(loader, DistributedLoader):
         loader.skip_batches_in_epoch(num_batches)
         return loader
-    if not isinstance(loader, DataLoader):
-        raise UnsupportedError(
-            "skip_first_batches needs a DistributedLoader or a torch DataLoader, got "
-            f"{type(loader).__name__}"
-        )
     return _SkippingDataLoader.like(loader, num_batches)
 
 

@@ -10,6 +10,7 @@ import torch
 from accel.context import Context
 from accel.data.loader import DistributedLoader
 from accel.errors import UnsupportedError
+from accel.validation import check_context, check_type
 
 
 def gather_for_metrics(data: Any, ctx: Context, loader: DistributedLoader) -> Any:
@@ -29,11 +30,10 @@ def gather_for_metrics(data: Any, ctx: Context, loader: DistributedLoader) -> An
     ...     preds = gather_for_metrics(model(batch["x"]).argmax(-1), ctx, loader)
     ...     metric.update(preds, gather_for_metrics(batch["y"], ctx, loader))
     """
-    if not isinstance(loader, DistributedLoader):
-        raise UnsupportedError(
-            "gather_for_metrics needs the DistributedLoader the batch came from (it knows "
-            f"which samples are duplicates); got {type(loader).__name__}"
-        )
+    check_context("gather_for_metrics", ctx)
+    check_type("gather_for_metrics", "loader", loader, DistributedLoader,
+               "the DistributedLoader the batch came from (it knows which samples are "
+               "duplicates)", error=UnsupportedError)
     counts = loader.batches_per_rank
     if counts is not None and len(set(counts)) > 1:
         raise UnsupportedError(

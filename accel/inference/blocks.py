@@ -13,6 +13,7 @@ from torch import nn
 
 from accel.errors import InvalidArgumentError
 from accel.inference.empty import tensor_bytes
+from accel.validation import shown
 
 
 def no_split_classes(model: nn.Module, given: Iterable[str] | None) -> frozenset[str]:
@@ -27,7 +28,11 @@ def no_split_classes(model: nn.Module, given: Iterable[str] | None) -> frozenset
             f"no_split_module_classes must be a list of class names, got the string {given!r}; "
             f"write [{given!r}]"
         )
-    return frozenset(given)
+    names = tuple(given) if isinstance(given, (list, tuple, set, frozenset)) else None
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise InvalidArgumentError(
+            f"no_split_module_classes must be a list of class names (str), got {shown(given)}")
+    return frozenset(names)
 
 
 def all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

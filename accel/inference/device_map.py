@@ -42,6 +42,7 @@ from accel.inference.memory import (
     is_accelerator,
     memory_budgets,
 )
+from accel.validation import check_bool, check_context, check_mapping, check_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,7 @@ def infer_device_map(model: nn.Module, max_memory: Mapping[DeviceLike, Any] | No
     >>> accel.infer_device_map(model, max_memory={0: "1GiB", "cpu": "4GiB"})
     {'transformer.wte': 'cuda:0', 'lm_head': 'cuda:0', ..., 'transformer.h.11': 'cpu'}
     """
+    check_plan_arguments("infer_device_map", model, max_memory, balanced, ctx)
     return plan_device_map(model, max_memory, no_split_module_classes, dtype, balanced,
                            ctx=ctx, prefetch=prefetch).device_map
 
@@ -108,9 +110,21 @@ def explain_device_map(model: nn.Module, max_memory: Mapping[DeviceLike, Any] | 
     transformer.wte  -> cpu   147.26 MiB  fits: 147.26 MiB of 286.10 MiB used on cpu
     ...
     """
+    check_plan_arguments("explain_device_map", model, max_memory, balanced, ctx)
     plan = plan_device_map(model, max_memory, no_split_module_classes, dtype, balanced,
                            ctx=ctx, prefetch=prefetch)
     return format_plan(plan)
+
+
+def check_plan_arguments(function: str, model: Any, max_memory: Any, balanced: Any,
+                         ctx: Any) -> None:
+    """The arguments of a device map's planning that plan_device_map does not check itself."""
+    check_module(function, "model", model)
+    check_mapping(function, "max_memory", max_memory,
+                  "a dict from device (0, 'cuda:1', 'cpu') to bytes or '10GiB' (or None)",
+                  optional=True)
+    check_bool(function, "balanced", balanced)
+    check_context(function, ctx, optional=True)
 
 
 def format_plan(plan: DevicePlan) -> str:
@@ -305,6 +319,7 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, DeviceLike]) -> 
     >>> accel.check_device_map(model, {"": 0})
     {'': 'cuda:0'}
     """
+    check_module("check_device_map", "model", model)
     if not isinstance(device_map, Mapping) or not device_map:
         raise InvalidArgumentError(
             f"device_map must be a non-empty dict from module name to device, got "

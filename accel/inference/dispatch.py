@@ -38,6 +38,7 @@ from accel.inference.memory import (
 )
 from accel.inference.offload import map_safetensors, write_safetensors
 from accel.inference.units import CopyLoader, DispatchStats, MappedLoader, Schedule, Unit
+from accel.validation import check_bool, check_int, check_module, check_type
 
 # Disk blocks stay mapped between uses (release_after_use=None) while they all fit in
 # this part of the available RAM: the page cache can then hold them from one pass to the
@@ -103,6 +104,8 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, DeviceLike],
     ...                              offload_dir="offload")
     >>> logits = model(input_ids).logits
     """
+    check_module("dispatch_model", "model", model)
+    check_dispatch_options("dispatch_model", offload_dir, prefetch, release_after_use)
     entries = _validated(model, device_map, prefetch)
     execution = execution_device_for(entries, main_device)
     require_materialized(model)
@@ -122,6 +125,7 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
 
     >>> model = accel.remove_dispatch(model)
     """
+    check_module("remove_dispatch", "model", model)
     state = _state_of(model)
     if state is None:
         raise TransformOrderError("remove_dispatch: this model was not dispatched "
@@ -139,6 +143,7 @@ def dispatch_stats(model: nn.Module) -> DispatchStats:
     >>> accel.dispatch_stats(model).prefetched
     48
     """
+    check_module("dispatch_stats", "model", model)
     state = _state_of(model)
     if state is None:
         raise TransformOrderError("dispatch_stats: this model was not dispatched")
@@ -154,11 +159,18 @@ def dispatched_device_map(model: nn.Module) -> dict[str, str] | None:
 # --------------------------------------------------------------------------- placement
 
 
+def check_dispatch_options(function: str, offload_dir: Any, prefetch: Any,
+                           release_after_use: Any) -> None:
+    """The options dispatch_model and load_checkpoint_and_dispatch share, checked first."""
+    check_type(function, "offload_dir", offload_dir, (str, os.PathLike),
+               "a folder path (or None)", optional=True)
+    check_int(function, "prefetch", prefetch, minimum=0)
+    check_bool(function, "release_after_use", release_after_use, optional=True)
+
+
 def _validated(model: nn.Module, device_map: Mapping[str, DeviceLike], prefetch: int
                ) -> dict[str, str]:
     raise_if_dispatched(model)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise InvalidArgumentError(f"prefetch must be an int >= 0, got {prefetch!r}")
     return check_device_map(model, device_map)
 
 
@@ -172,7 +184,10 @@ def execution_device_for(entries: Mapping[str, str], main_device: DeviceLike | N
                          ) -> torch.device:
     """Where offloaded blocks run: `main_device`, else the map's first accelerator, else cpu."""
     if main_device is not None:
-        name = device_name(main_device)
+        try:
+            name = device_name(main_device)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"main_device: {exc}") from None
         if name == DISK:
             raise InvalidArgumentError("main_device is where blocks run: a GPU or 'cpu', "
                                        "not 'disk'")

@@ -13,6 +13,7 @@ from torch.nn.modules.module import (
 )
 
 from accel.errors import InvalidArgumentError
+from accel.validation import check_bool, check_device, check_module
 
 
 @contextlib.contextmanager
@@ -28,6 +29,7 @@ def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
     >>> model.lm_head.weight.device
     device(type='meta')
     """
+    check_bool("init_empty_weights", "include_buffers", include_buffers)
     with init_on_device(torch.device("meta"), include_buffers=include_buffers):
         yield
 
@@ -44,6 +46,8 @@ def init_on_device(device: str | torch.device, include_buffers: bool = False) ->
     >>> with accel.init_on_device("cuda:0"):
     ...     model = build_model()                 # straight onto the GPU
     """
+    check_device("init_on_device", "device", device)
+    check_bool("init_on_device", "include_buffers", include_buffers)
     target = torch.device(device)
 
     def move_parameter(module: nn.Module, name: str, param: nn.Parameter | None):
@@ -91,6 +95,7 @@ def compute_module_sizes(model: nn.Module, dtype: str | torch.dtype | None = Non
     >>> sizes[""], sizes["transformer.h.0"]
     (248877056, 14160384)
     """
+    check_module("compute_module_sizes", "model", model)
     as_dtype = to_dtype(dtype) if dtype is not None else None
     sizes: dict[str, int] = {"": 0}
     for name, tensor in named_tensors(model):

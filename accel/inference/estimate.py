@@ -17,6 +17,7 @@ from accel.errors import InvalidArgumentError, MissingDependencyError
 from accel.inference.blocks import iter_blocks, no_split_classes
 from accel.inference.empty import init_empty_weights
 from accel.inference.memory import format_size
+from accel.validation import check_type
 
 #: Bytes per floating weight for each dtype the estimate knows.
 BYTES_PER_WEIGHT = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -85,7 +86,10 @@ def estimate_memory(model: nn.Module | Callable[[], nn.Module] | str | os.PathLi
     dtype     total size  largest layer  training with Adam
     float32   474.70 MiB  147.26 MiB     1.85 GiB
     """
-    unknown = [d for d in dtypes if d not in BYTES_PER_WEIGHT]
+    # A str is a Sequence too: "float16" would be read as the dtypes "f", "l", "o", ...
+    check_type("estimate_memory", "dtypes", dtypes, (list, tuple),
+               f"a list of dtype names among {list(BYTES_PER_WEIGHT)}")
+    unknown = [d for d in dtypes if not isinstance(d, str) or d not in BYTES_PER_WEIGHT]
     if unknown or not dtypes:
         raise InvalidArgumentError(f"unknown dtypes {unknown or list(dtypes)}; choose among "
                                    f"{list(BYTES_PER_WEIGHT)}")

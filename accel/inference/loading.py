@@ -27,19 +27,21 @@ from accel.inference.blocks import owner_entry
 from accel.inference.device_map import check_device_map, infer_device_map
 from accel.inference.dispatch import (
     attach_dispatch,
+    check_dispatch_options,
     execution_device_for,
     move_resident,
     raise_if_dispatched,
     require_materialized,
 )
 from accel.inference.empty import to_dtype
-from accel.inference.memory import DISK, DeviceLike, device_name, is_accelerator
+from accel.inference.memory import DISK, DeviceLike, device_name, is_accelerator, memory_budgets
 from accel.inference.offload import (
     map_safetensors,
     read_safetensors_header,
     release,
     write_safetensors,
 )
+from accel.validation import check_bool, check_context, check_mapping, check_module, check_type
 
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors are copied out of the mapped checkpoint in pieces of this size (see _copy_out).
@@ -83,6 +85,18 @@ def load_checkpoint_and_dispatch(
     >>> model = accel.load_checkpoint_and_dispatch(model, "gpt2-ckpt/", device_map="auto",
     ...                                            dtype="bf16", offload_dir="offload")
     """
+    check_module("load_checkpoint_and_dispatch", "model", model)
+    check_type("load_checkpoint_and_dispatch", "checkpoint", checkpoint, (str, os.PathLike),
+               "the path of a .safetensors file or of a folder holding some")
+    check_mapping("load_checkpoint_and_dispatch", "max_memory", max_memory,
+                  "a dict from device (0, 'cuda:1', 'cpu') to bytes or '10GiB' (or None)",
+                  optional=True)
+    check_dispatch_options("load_checkpoint_and_dispatch", offload_dir, prefetch,
+                           release_after_use)
+    if max_memory is not None:  # read now, also where device_map is given and not inferred
+        memory_budgets(max_memory)
+    check_bool("load_checkpoint_and_dispatch", "strict", strict)
+    check_context("load_checkpoint_and_dispatch", ctx, optional=True)
     raise_if_dispatched(model)
     files = checkpoint_files(checkpoint)
     as_dtype = to_dtype(dtype) if dtype is not None else None
@@ -133,7 +147,11 @@ def _resolve_map(model: nn.Module, device_map: Any, max_memory: Any, no_split: A
                                     prefetch=prefetch)
         return check_device_map(model, inferred)
     if isinstance(device_map, (str, int, torch.device)):
-        return check_device_map(model, {"": device_name(device_map)})
+        try:
+            return check_device_map(model, {"": device_name(device_map)})
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(
+                f"device_map: {exc}; or 'auto', 'balanced', 'sequential', or a dict") from None
     return check_device_map(model, device_map)
 
 

@@ -39,6 +39,8 @@ def device_name(device: DeviceLike) -> str:
     if isinstance(device, bool):
         raise InvalidArgumentError(f"a device cannot be a bool, got {device!r}")
     if isinstance(device, int):
+        if device < 0:
+            raise InvalidArgumentError(f"a GPU index must be >= 0, got {device!r}")
         return f"cuda:{device}"
     if isinstance(device, str) and device.strip().lower() == DISK:
         return DISK
@@ -109,8 +111,11 @@ def memory_budgets(max_memory: Mapping[DeviceLike, Any] | None,
     if max_memory is None:
         budgets = _free_memory_budgets(processes_per_node)
     else:
-        budgets = [Budget(device_name(d), parse_size(v), "max_memory")
-                   for d, v in max_memory.items() if device_name(d) != DISK]
+        try:
+            budgets = [Budget(device_name(d), parse_size(v), "max_memory")
+                       for d, v in max_memory.items() if device_name(d) != DISK]
+        except InvalidArgumentError as exc:  # say which argument held the bad entry
+            raise InvalidArgumentError(f"max_memory: {exc}") from None
     if accelerators is not None:
         budgets = [b for b in budgets if not is_accelerator(b.device)
                    or b.device in accelerators]

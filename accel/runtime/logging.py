@@ -14,6 +14,7 @@ from typing import Any
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, InvalidArgumentError
 from accel.runtime.process import wait_for_everyone
+from accel.validation import check_context, check_type, fail
 
 LOG_LEVEL_VARIABLE = "ACCEL_LOG_LEVEL"
 
@@ -85,6 +86,10 @@ def get_logger(name: str, ctx: Context, level: int | str | None = None) -> RankL
     >>> logger.info("epoch %d", epoch)                       # rank 0 only
     >>> logger.info("my shard: %d", n, in_order=True)         # every rank, in order
     """
+    check_type("get_logger", "name", name, str, "a logger name (str), e.g. __name__")
+    check_context("get_logger", ctx)
+    if isinstance(level, bool) or not isinstance(level, (int, str, type(None))):
+        fail("get_logger", "level", level, "a level name ('INFO'), a number (20) or None")
     logger = logging.getLogger(name)
     chosen = level if level is not None else os.environ.get(LOG_LEVEL_VARIABLE) or None
     if chosen is not None:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from accel.context import Context
 from accel.errors import BatchSizeExhaustedError, IncompatibleOptionsError, RankFailedError
+from accel.validation import check_bool, check_callable, check_context, check_type
 
 T = TypeVar("T")
 _OK, _OOM, _ERROR = 0, 1, 2
@@ -50,6 +51,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     >>> is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
     True
     """
+    check_type("is_out_of_memory", "error", error, BaseException, "an exception")
     if isinstance(error, torch.OutOfMemoryError):
         return True
     if isinstance(error, RuntimeError) and error.args and isinstance(error.args[0], str):
@@ -63,6 +65,7 @@ def clear_device_cache(garbage_collection: bool = True) -> None:
 
     Only devices already in use are touched (no CUDA context is created by this call).
     """
+    check_bool("clear_device_cache", "garbage_collection", garbage_collection)
     if garbage_collection:
         gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -127,11 +130,15 @@ def find_executable_batch_size(
     ...     ...                                   # build the loader with batch_size
     >>> train("mlp")                             # no batch_size: it is passed for you
     """
-    if not isinstance(starting_batch_size, int) or starting_batch_size < 1:
+    check_callable("find_executable_batch_size", "fn", fn,
+                   "a function whose first argument is the batch size", optional=True)
+    if (isinstance(starting_batch_size, bool) or not isinstance(starting_batch_size, int)
+            or starting_batch_size < 1):
         raise IncompatibleOptionsError(
             f"starting_batch_size must be a positive integer, got {starting_batch_size!r}")
-    if not 0 < factor < 1:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
         raise IncompatibleOptionsError(f"factor must be between 0 and 1, got {factor!r}")
+    check_context("find_executable_batch_size", ctx, optional=True)
     if fn is None:
         return functools.partial(find_executable_batch_size,
                                  starting_batch_size=starting_batch_size, ctx=ctx,

@@ -4,15 +4,19 @@ Every function takes a tensor or any nesting of lists, tuples, namedtuples and m
 tensors, and returns the same structure. Leaves that are not tensors pass through
 unchanged. Collectives of data (gather, gather_object, reduce, pad_across_processes)
 run across the data-parallel ranks (`ctx.dp_group`: on a mesh with tp, cp or pp their
-peers hold the same data); broadcast runs on `ctx.group`. All run on the device the
+peers hold the same data; `ranks="all"` takes every rank instead); broadcast runs on
+`ctx.group`. All run on the device the
 group's backend needs (CPU for gloo, CUDA for nccl); results come back on the device
 the input was on. With `ctx.debug`, each collective first checks that every rank passes
 the same shapes and dtypes, and raises `CollectiveMismatchError` on every rank instead
-of hanging.
+of hanging. Without it nothing compares shapes: a mismatch can give a rank wrong data
+before a transfer of the wrong size fails (or aborts) another rank; a collective that
+fails raises `CollectiveFailedError`, which says so.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -23,11 +27,14 @@ import torch.distributed as dist
 
 from accel.context import Context
 from accel.errors import (
+    AccelError,
+    CollectiveFailedError,
     CollectiveMismatchError,
     InvalidArgumentError,
     NotConnectedError,
     UnsupportedError,
 )
+from accel.validation import check_bool, check_context, check_device, check_int, check_type
 from accel.world import World
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
@@ -88,6 +95,22 @@ def _leaves(data: Any, path: str = "data") -> list[tuple[str, torch.Tensor]]:
 # --------------------------------------------------------------------------- plumbing
 
 
+#: what the `ranks` option of the data collectives means.
+RANKS = {"data": "the data-parallel ranks (ctx.dp_group)", "all": "every rank of the world"}
+
+
+def among(ctx: Context, ranks: str) -> Context:
+    """ctx as the collective sees it: every rank ("all"), or its data-parallel peers ("data").
+
+    A mesh with tp, cp or pp gives each data-parallel group the same data: gathering a
+    metric over "all" ranks would repeat every sample tp x cp x pp times.
+    """
+    if not isinstance(ranks, str) or ranks not in RANKS:
+        raise InvalidArgumentError(
+            f"ranks must be one of {list(RANKS)} ({'; '.join(RANKS.values())}), got {ranks!r}")
+    return ctx if ranks == "all" else over_data(ctx)
+
+
 def over_data(ctx: Context) -> Context:
     """ctx seen from the data-parallel ranks only: rank dp_rank of dp_size in dp_group.
 
@@ -145,6 +168,8 @@ def _global_rank(ctx: Context, group_rank: int) -> int:
 
 
 def _check_src(src: int, ctx: Context, name: str) -> None:
+    check_context(name, ctx)
+    check_int(name, "src", src, minimum=0)
     if not 0 <= src < ctx.world_size:
         raise InvalidArgumentError(
             f"{name}: src={src} is not a rank of this world of size {ctx.world_size}; "
@@ -192,10 +217,42 @@ def _per_rank(values: list[Any], verb: str = "") -> str:
     return ", ".join(f"rank {rank} {verb}{value}" for rank, value in enumerate(values))
 
 
+def _explained(collective: Callable[..., Any]) -> Callable[..., Any]:
+    """`collective`, re-raising torch's errors with what usually causes them."""
+
+    @functools.wraps(collective)
+    def explained(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as exc:
+            if isinstance(exc, AccelError):
+                raise
+            ctx = kwargs["ctx"] if "ctx" in kwargs else args[1]  # (data, ctx, ...) everywhere
+            raise CollectiveFailedError(_failure(collective.__name__, ctx, exc)) from exc
+
+    return explained
+
+
+def _failure(name: str, ctx: Context, exc: RuntimeError) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return (
+        f"{name} failed on rank {ctx.rank} of {ctx.world_size}: {lines[0]}\nEither another "
+        "rank stopped (it crashed, or left the loop early, e.g. with fewer batches: see its "
+        "log; distribute_loader's even_batches=True gives every rank as many), or the "
+        "ranks passed tensors of different shapes or dtypes. "
+        + ("Debug mode is on and checks the shapes of tensor collectives first: look for "
+           "a rank that stopped." if ctx.debug
+           else "Outside debug mode nothing compares shapes, and a mismatch can give a rank "
+           "wrong data before a collective fails: rerun with ACCEL_DEBUG=1 (or accel launch "
+           "--debug) to check shapes across ranks before every collective.")
+    )
+
+
 # --------------------------------------------------------------------------- collectives
 
 
-def gather(data: Any, ctx: Context) -> Any:
+@_explained
+def gather(data: Any, ctx: Context, *, ranks: str = "data") -> Any:
     """All-gather every tensor and concatenate the ranks' pieces along dim 0, in rank order.
 
     Tensors must have the same shape on every rank (see `pad_across_processes`); a 0-d
@@ -205,7 +262,8 @@ def gather(data: Any, ctx: Context) -> Any:
     >>> gather(torch.tensor([2 * ctx.rank + 1, 2 * ctx.rank + 2]), ctx)  # 2 ranks
     tensor([1, 2, 3, 4])
     """
-    ctx = over_data(ctx)
+    check_context("gather", ctx)
+    ctx = among(ctx, ranks)
     if not ctx.is_distributed:
         return recursively_apply(lambda t: t.reshape(1) if t.dim() == 0 else t, data)
     _require_group(ctx)
@@ -220,7 +278,8 @@ def _gather_tensor(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     return torch.cat(pieces, dim=0).to(tensor.device)
 
 
-def gather_object(obj: Any, ctx: Context) -> list[Any]:
+@_explained
+def gather_object(obj: Any, ctx: Context, *, ranks: str = "data") -> list[Any]:
     """Every rank's picklable `obj`, in rank order; lists and tuples are concatenated.
 
     >>> gather_object([ctx.rank], ctx)     # 2 ranks
@@ -228,7 +287,8 @@ def gather_object(obj: Any, ctx: Context) -> list[Any]:
     >>> gather_object("a" if ctx.rank == 0 else "b", ctx)
     ['a', 'b']
     """
-    ctx = over_data(ctx)
+    check_context("gather_object", ctx)
+    ctx = among(ctx, ranks)
     if ctx.is_distributed:
         _require_group(ctx)
         gathered: list[Any] = [None] * ctx.world_size
@@ -240,7 +300,8 @@ def gather_object(obj: Any, ctx: Context) -> list[Any]:
     return gathered
 
 
-def reduce(data: Any, ctx: Context, op: str = "mean") -> Any:
+@_explained
+def reduce(data: Any, ctx: Context, op: str = "mean", *, ranks: str = "data") -> Any:
     """Reduce every tensor across ranks with `op`: "mean" (default), "sum", "max" or "min".
 
     The default is "mean" because the common use is averaging a metric or a loss that
@@ -255,11 +316,12 @@ def reduce(data: Any, ctx: Context, op: str = "mean") -> Any:
     >>> reduce(torch.tensor([1.0, 2.0]) + 2 * ctx.rank, ctx, op="sum")  # 2 ranks
     tensor([4., 6.])
     """
-    if op not in _REDUCE_OPS:
+    check_context("reduce", ctx)
+    if not isinstance(op, str) or op not in _REDUCE_OPS:
         raise InvalidArgumentError(
             f"reduce: unknown op {op!r}; use one of {', '.join(map(repr, _REDUCE_OPS))}"
         )
-    ctx = over_data(ctx)
+    ctx = among(ctx, ranks)
     if ctx.is_distributed:
         _require_group(ctx)
         _debug_check(f"reduce(op={op!r})", data, ctx)
@@ -278,6 +340,7 @@ def _reduce_tensor(tensor: torch.Tensor, ctx: Context, op: str) -> torch.Tensor:
     return result.to(tensor.device)
 
 
+@_explained
 def broadcast(data: Any, ctx: Context, src: int = 0) -> Any:
     """Every rank gets rank `src`'s tensors; the others' tensors must have the same shapes.
 
@@ -300,6 +363,7 @@ def _broadcast_tensor(tensor: torch.Tensor, ctx: Context, src: int) -> torch.Ten
     return result.to(tensor.device)
 
 
+@_explained
 def broadcast_object(obj: Any, ctx: Context, src: int = 0) -> Any:
     """Rank `src`'s picklable `obj`, on every rank.
 
@@ -314,8 +378,9 @@ def broadcast_object(obj: Any, ctx: Context, src: int = 0) -> Any:
     return box[0]
 
 
+@_explained
 def pad_across_processes(data: Any, ctx: Context, dim: int = 0, pad_index: Any = 0,
-                         pad_first: bool = False) -> Any:
+                         pad_first: bool = False, *, ranks: str = "data") -> Any:
     """Pad every tensor along `dim` with `pad_index` to the largest size any rank has.
 
     Use it before `gather` when ranks hold different lengths (generated sequences, the
@@ -328,7 +393,10 @@ def pad_across_processes(data: Any, ctx: Context, dim: int = 0, pad_index: Any =
     >>> pad_across_processes(torch.ones(3 - ctx.rank), ctx)  # rank 1 of 2
     tensor([1., 1., 0.])
     """
-    ctx = over_data(ctx)
+    check_context("pad_across_processes", ctx)
+    check_int("pad_across_processes", "dim", dim)
+    check_bool("pad_across_processes", "pad_first", pad_first)
+    ctx = among(ctx, ranks)
     if ctx.is_distributed:
         _require_group(ctx)
         _debug_check("pad_across_processes", data, ctx, compare_shapes=False)
@@ -380,6 +448,9 @@ def send_to_device(data: Any, device: str | int | torch.device, *,
 
     >>> batch = send_to_device({"ids": ids, "labels": labels}, ctx.device)
     """
+    if not (isinstance(device, int) and not isinstance(device, bool) and device >= 0):
+        check_device("send_to_device", "device", device)  # an int is a GPU index
+    check_bool("send_to_device", "non_blocking", non_blocking, optional=True)
     target = torch.device(device)
     if isinstance(data, torch.Tensor):
         # A pinned host buffer is copied by DMA while the host queues more work; the
@@ -427,8 +498,16 @@ def concatenate(structures: list[Any], dim: int = 0) -> Any:
     >>> concatenate([{"x": torch.ones(2)}, {"x": torch.zeros(1)}])
     {'x': tensor([1., 1., 0.])}
     """
+    check_type("concatenate", "structures", structures, (list, tuple),
+               "a list of same-structured nested data")
+    check_int("concatenate", "dim", dim)
     if not structures:
         raise InvalidArgumentError("concatenate: got an empty list; pass at least one structure")
+    for path, tensor in _leaves(structures[0]):
+        if not -max(tensor.dim(), 1) <= dim < max(tensor.dim(), 1):  # 0-d counts as 1-d
+            raise InvalidArgumentError(
+                f"concatenate: dim={dim} is out of range for {path} of shape "
+                f"{tuple(tensor.shape)}; pass a dim every tensor has")
     return _concatenate(list(structures), dim, "data")
 
 

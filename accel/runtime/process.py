@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import datetime
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -17,14 +18,23 @@ import torch
 import torch.distributed as dist
 
 from accel.context import Context
-from accel.errors import InvalidArgumentError
-from accel.runtime.ops import reduce
+from accel.errors import InvalidArgumentError, StuckRanksError
+from accel.runtime.ops import _per_rank, reduce
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def wait_for_everyone(ctx: Context) -> None:
+def wait_for_everyone(ctx: Context, *, timeout: float | datetime.timedelta | None = None,
+                      ) -> None:
     """Block until every rank reaches this call (a barrier); returns at once in one process.
+
+    Args:
+        timeout: how long to wait for the last rank (seconds or timedelta); default
+            `ctx.barrier_timeout` (30 s). Pass more when ranks do long work of their own
+            just before the call (rank 0 saving a large model).
+
+    Raises:
+        StuckRanksError: ranks did not arrive in time, or arrived at another barrier.
 
     >>> accel.wait_for_everyone(ctx)
     """
@@ -32,15 +42,122 @@ def wait_for_everyone(ctx: Context) -> None:
         from accel.runtime.xla import rendezvous
 
         rendezvous("accel.wait_for_everyone")  # torch_xla's dist.barrier does nothing
-    elif ctx.is_distributed:
+    else:
+        bounded_barrier(ctx, "wait_for_everyone", timeout or ctx.barrier_timeout)
+
+
+def bounded_barrier(ctx: Context, where: str, timeout: float | datetime.timedelta) -> None:
+    """Wait until every rank of ctx.group reaches barrier `where`, for at most `timeout`.
+
+    Built on the process group's key-value store rather than a collective: it works the
+    same on gloo and NCCL, every rank learns which ranks are missing, and a rank stuck in
+    a collective cannot hold it up (gloo's monitored_barrier, tried first, waited the full
+    collective timeout when rank 0 sat in an all-reduce).
+
+    Raises:
+        StuckRanksError: ranks did not arrive within `timeout`, or arrived at another
+            barrier; the message names them and the likely cause.
+
+    >>> bounded_barrier(ctx, "shutdown", datetime.timedelta(seconds=30))
+    """
+    if not ctx.is_distributed:
+        return
+    store = _barrier_store(ctx)
+    if store is None:
         dist.barrier(group=ctx.group)
+        return
+    seconds = _seconds(timeout)
+    key = None
+    try:
+        key = _arrive(store, ctx, where)
+        store.wait([f"{key}/done"], datetime.timedelta(seconds=seconds))
+        mismatch = store.get(f"{key}/done").decode()
+        _forget(store, _previous(key), [str(ctx.rank)])
+    except RuntimeError as exc:  # the wait timed out, or the store is gone
+        raise _stuck(store, ctx, key, where, seconds) from exc
+    if mismatch:
+        raise StuckRanksError(f"{where} on rank {ctx.rank}: {mismatch}; {_CAUSE}")
+
+
+#: what usually leaves ranks apart, and what to do about it.
+_CAUSE = (
+    "a rank that runs out of batches before the others leaves them in a collective: give "
+    "every rank as many batches (distribute_loader's even_batches=True, the default) or "
+    "wrap the loop in accel.join_uneven_inputs. A rank that crashed says why in its own "
+    "log (ranks passing tensors of different shapes to a collective crash or get wrong "
+    "data: rerun with ACCEL_DEBUG=1, or accel launch --debug, to check). If the late "
+    "ranks were only busy (saving, evaluating), allow them longer: accel.init("
+    "barrier_timeout=SECONDS), ACCEL_BARRIER_TIMEOUT, or wait_for_everyone(ctx, timeout=...)"
+)
+
+
+def _barrier_store(ctx: Context) -> Any:
+    """The store of the default process group; None where it cannot serve a barrier."""
+    if ctx.dist_backend in ("fake", "xla"):  # fake: no peers; xla: its own rendezvous
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _arrive(store: Any, ctx: Context, where: str) -> str:
+    """Record this rank at its next barrier; the last rank to come marks it done."""
+    tag = "world" if ctx.group is None else ctx.group.group_name
+    number = store.add(f"accel/barrier/{tag}/count/{ctx.rank}", 1)  # barriers passed + 1
+    key = f"accel/barrier/{tag}/{number}"
+    store.set(f"{key}/{ctx.rank}", where)
+    if store.add(f"{key}/arrived", 1) == ctx.world_size:
+        names = [name.decode() for name in store.multi_get(
+            [f"{key}/{rank}" for rank in range(ctx.world_size)])]
+        mismatch = "" if len(set(names)) == 1 else (
+            "ranks reached different barriers: " + _per_rank(names, "at "))
+        store.set(f"{key}/done", mismatch)
+        _forget(store, _previous(key), ["arrived", "done"])
+    return key
+
+
+def _previous(key: str) -> str:
+    prefix, number = key.rsplit("/", 1)
+    return f"{prefix}/{int(number) - 1}"
+
+
+def _forget(store: Any, key: str, names: list[str]) -> None:
+    # Once every rank has reached barrier N, all have left barrier N-1 (passed it, or
+    # given up on it): nobody reads its keys again.
+    for name in names:
+        store.delete_key(f"{key}/{name}")
+
+
+def _stuck(store: Any, ctx: Context, key: str | None, where: str,
+           seconds: float) -> StuckRanksError:
+    """The error naming the ranks that never reached barrier `key` (None: never entered)."""
+    try:
+        if key is None:
+            raise RuntimeError("the store did not take this rank's arrival")
+        missing = tuple(rank for rank in range(ctx.world_size)
+                        if not store.check([f"{key}/{rank}"]))
+    except RuntimeError:  # the store itself is gone: its host process ended
+        return StuckRanksError(
+            f"{where} on rank {ctx.rank}: the process group's store stopped answering "
+            f"(the process serving it, rank 0 or the launcher, has ended); {_CAUSE}")
+    ranks = ", ".join(map(str, missing))
+    return StuckRanksError(
+        f"{where} on rank {ctx.rank}: rank(s) {ranks} of {ctx.world_size} did not arrive "
+        f"within {seconds:g} s; {_CAUSE}", missing)
+
+
+def _seconds(timeout: float | datetime.timedelta) -> float:
+    return timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
 
 
 @contextlib.contextmanager
 def main_process_first(ctx: Context) -> Iterator[None]:
     """Run the body on the main process first; the others run it once it has finished.
 
-    For work whose result the others reuse: downloading, preprocessing into a cache.
+    For work whose result the others reuse: downloading, preprocessing into a cache. The
+    others wait for it up to `ctx.timeout` (init's collective timeout, 30 min by default),
+    not the barrier timeout, and StuckRanksError names the rank that did not come.
 
     >>> with accel.main_process_first(ctx):
     ...     dataset = load_and_cache(path)
@@ -62,8 +179,9 @@ def local_main_process_first(ctx: Context) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _first(ctx: Context, goes_first: bool) -> Iterator[None]:
+    # The others wait while the first run the body: as long as work may take.
     if not goes_first:
-        wait_for_everyone(ctx)
+        wait_for_everyone(ctx, timeout=ctx.timeout)
         yield
         return
     try:
@@ -71,7 +189,7 @@ def _first(ctx: Context, goes_first: bool) -> Iterator[None]:
     finally:
         # Even when the body raised: the waiting ranks are released (and fail on their
         # own) instead of blocking until the collective timeout.
-        wait_for_everyone(ctx)
+        wait_for_everyone(ctx, timeout=ctx.timeout)
 
 
 # --------------------------------------------------------------------------- decorators
@@ -269,4 +387,4 @@ def _vote(flag: bool, ctx: Context, op: str) -> bool:
         ) from exc
     if not ctx.is_distributed:
         return vote
-    return bool(reduce(torch.tensor(int(vote)), ctx, op=op).item())
+    return bool(reduce(torch.tensor(int(vote)), ctx, op=op, ranks="all").item())

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity
 
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError
+from accel.validation import check_bool, check_context, check_type, fail
 
 FORMATS = ("chrome", "tensorboard")
 
@@ -112,7 +113,18 @@ def profile_steps(
     ...         train_step(batch)
     ...         prof.step()
     """
+    check_context("profile_steps", ctx)
+    check_type("profile_steps", "out_dir", out_dir, (str, os.PathLike),
+               "a folder path (str or pathlib.Path)")
     _check_schedule(wait, warmup, active, repeat, trace_format)
+    for name, value in (("record_shapes", record_shapes), ("profile_memory", profile_memory),
+                        ("with_stack", with_stack)):
+        check_bool("profile_steps", name, value)
+    if activities is not None and not (
+            isinstance(activities, (list, tuple, set, frozenset)) and activities
+            and all(isinstance(a, ProfilerActivity) for a in activities)):
+        fail("profile_steps", "activities", activities,
+             "a non-empty list of torch.profiler.ProfilerActivity values (or None)")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     traces: list[Path] = []

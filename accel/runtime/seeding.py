@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from accel.context import Context
+from accel.validation import check_bool, check_context, check_int, check_seed, check_type
 
 
 def set_seed(seed: int, ctx: Context | None = None, *, deterministic: bool = False,
@@ -23,6 +24,10 @@ def set_seed(seed: int, ctx: Context | None = None, *, deterministic: bool = Fal
 
     >>> accel.set_seed(42, ctx)
     """
+    check_seed("set_seed", seed)
+    check_context("set_seed", ctx, optional=True)
+    check_bool("set_seed", "deterministic", deterministic)
+    check_bool("set_seed", "per_rank", per_rank)
     if per_rank and ctx is not None:
         seed += ctx.rank
     random.seed(seed)
@@ -40,6 +45,12 @@ def synchronize_rng_states(ctx: Context, *, src: int = 0, generator: torch.Gener
 
     Pass `generator` to synchronise that generator too (e.g. a sampler's).
     """
+    check_context("synchronize_rng_states", ctx)
+    check_int("synchronize_rng_states", "src", src, minimum=0, maximum=ctx.world_size - 1)
+    check_type("synchronize_rng_states", "generator", generator, torch.Generator,
+               "a torch.Generator (or None)", optional=True)
+    check_bool("synchronize_rng_states", "python", python)
+    check_bool("synchronize_rng_states", "numpy", numpy)
     if not ctx.is_distributed:
         return
     state = {

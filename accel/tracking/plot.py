@@ -8,6 +8,7 @@ other metric gets its own. Matplotlib's object API draws off screen (no pyplot s
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import attrs
 
 from accel.errors import InvalidArgumentError, MissingDependencyError
 from accel.tracking.jsonl import read_metrics
+from accel.validation import check_type, fail
 
 #: Every chart is WIDTH x HEIGHT pixels.
 WIDTH, HEIGHT, DPI = 900, 500, 100
@@ -52,6 +54,16 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None,
     >>> [(c.path.name, c.lines) for c in charts]
     [('loss.png', ('train/loss', 'eval/loss')), ('lr.png', ('lr',))]
     """
+    check_type("plot_metrics", "run_dir", run_dir, (str, os.PathLike), "a run folder path")
+    check_type("plot_metrics", "out", out, (str, os.PathLike), "a folder path (or None)",
+               optional=True)
+    if metrics is not None and not (isinstance(metrics, (list, tuple)) and metrics and all(
+            isinstance(entry, str) or (isinstance(entry, (list, tuple))
+                                       and all(isinstance(name, str) for name in entry))
+            for entry in metrics)):
+        fail("plot_metrics", "metrics", metrics,
+             "a non-empty list of metric names, or of lists of names drawn together "
+             "(or None: every metric)")
     series = _read_series(run_dir)
     groups = _default_groups(series) if metrics is None else _chosen_groups(metrics, series)
     out_dir = Path(out) if out is not None else Path(run_dir) / "plots"

@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from accel.context import Context
 from accel.errors import MissingDependencyError
+from accel.validation import check_bool, check_context, fail
 
 T = TypeVar("T")
 
@@ -28,6 +29,10 @@ def progress(iterable: Iterable[T], ctx: Context, *, per_node: bool = False,
     >>> for batch in accel.progress(loader, ctx, desc=f"epoch {epoch}"):
     ...     train_step(batch)
     """
+    if not isinstance(iterable, Iterable):
+        fail("progress", "iterable", iterable, "an iterable (a loader, a list, a range)")
+    check_context("progress", ctx)
+    check_bool("progress", "per_node", per_node)
     try:
         from tqdm.auto import tqdm
     except ImportError as exc:

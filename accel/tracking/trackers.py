@@ -9,6 +9,7 @@ alike) and then returns, creating no file, no writer, no client.
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -20,6 +21,7 @@ from accel.context import Context
 from accel.errors import InvalidArgumentError, UnsupportedError
 from accel.tracking import values
 from accel.tracking.base import Tracker
+from accel.validation import check_context, check_mapping, check_str, check_type, fail, shown
 
 #: Trackers built in, by name; "jsonl" is the default and needs no extra package.
 BUILT_IN = ("jsonl", "tensorboard", "mlflow", "wandb")
@@ -158,6 +160,7 @@ def init_trackers(
     >>> with accel.init_trackers(ctx, ["jsonl", "tensorboard"], "runs", {"lr": 1e-3}) as t:
     ...     t.log({"loss": loss}, step=1)
     """
+    _check_arguments(ctx, trackers, project_dir, config, run_name, options)
     run_name = run_name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     project_dir = Path(project_dir)
     options = dict(options or {})
@@ -174,19 +177,38 @@ def init_trackers(
     return group
 
 
+def _check_arguments(ctx: Any, trackers: Any, project_dir: Any, config: Any, run_name: Any,
+                     options: Any) -> None:
+    check_context("init_trackers", ctx)
+    # A str is a Sequence too: "jsonl" would be read as the trackers "j", "s", "o", ...
+    check_type("init_trackers", "trackers", trackers, (list, tuple),
+               "a list of tracker names and/or tracker objects, e.g. ['jsonl']")
+    check_type("init_trackers", "project_dir", project_dir, (str, os.PathLike),
+               "a folder path (str or pathlib.Path)")
+    check_mapping("init_trackers", "config", config, "a dict of hyperparameters (or None)",
+                  optional=True)
+    check_str("init_trackers", "run_name", run_name, optional=True)
+    if options is not None and not (isinstance(options, Mapping) and all(
+            isinstance(value, Mapping) for value in options.values())):
+        fail("init_trackers", "options", options,
+             "a dict from tracker name to a dict of its keyword arguments (or None)")
+
+
 def _build(item: str | Tracker, project_dir: Path, run_name: str,
            options: Mapping[str, Mapping[str, Any]]) -> Tracker:
     if not isinstance(item, str):
         missing = [attr for attr in ("name", "start", "log", "finish") if not hasattr(item, attr)]
         if missing:
             raise InvalidArgumentError(
-                f"{item!r} is not a tracker: it lacks {missing}; give it a `name` and "
+                f"accel.init_trackers: trackers holds {shown(item)}, which is not a tracker: "
+                f"it lacks {missing}; give it a `name` and "
                 "`start(config)`, `log(metrics, step)`, `finish()` methods"
             )
         return item
     if item not in BUILT_IN:
         raise InvalidArgumentError(
-            f"unknown tracker {item!r}; built-in trackers are {BUILT_IN}, or pass an object "
+            f"accel.init_trackers: trackers holds an unknown tracker {item!r}; built-in "
+            f"trackers are {BUILT_IN}, or pass an object "
             "with name, start, log and finish"
         )
     return _FACTORIES[item](project_dir, run_name, dict(options.get(item, {})))

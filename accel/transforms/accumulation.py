@@ -45,8 +45,9 @@ class GradientAccumulation:
         return boundary
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        # The engines read the sync switch at forward time (DDP prepares its reducer then);
-        # inside no_sync, its own hook runs after this one and switches sync off again.
+        # The switch decides for the backward of the forward that follows (the engines
+        # carry it to that backward); inside no_sync, its own hook runs after this one and
+        # switches sync off again.
         self._backend.set_grad_sync(module, self.sync_each_batch or self.is_boundary)
 
     def state_dict(self) -> dict[str, int]:
@@ -72,8 +73,10 @@ def accumulate_grads(
     """Update the parameters once every `steps` micro-batches (and at the loader's end).
 
     (in place) The model gets a forward pre-hook that switches gradient sync on or off
-    before each forward; `optimizer.accumulation.remove()` takes it away. The optimizer
-    returned is the one passed, holding the micro-step counter (`optimizer.accumulation`).
+    before each forward; `optimizer.accumulation.remove()` takes it away (an FSDP2 model
+    also keeps a forward hook that carries each forward's choice to its backward, see
+    `no_sync`). The optimizer returned is the one passed, holding the micro-step counter
+    (`optimizer.accumulation`).
 
     Call `accel.backward`, `optimizer.step()` and `optimizer.zero_grad()` on every
     micro-batch as usual: the loss is divided by `steps`, gradients are synchronised only
@@ -122,8 +125,23 @@ class _SyncOff:
 def no_sync(model: nn.Module, ctx: Context) -> Iterator[None]:
     """Do not synchronise gradients of backward passes whose forward runs in this block.
 
+    The rule holds in any order: a backward reduces its gradients across ranks if and
+    only if its graph's forward ran outside the block, wherever the backward runs; the
+    gradients of the others accumulate locally, and the next synchronised backward
+    reduces them with its own. Forwards collected inside and after the block and
+    backpropagated later therefore end with the same gradients on every rank. One
+    backward of graphs from both sides (the sum of their losses) is synchronised. DDP
+    may also all-reduce a backward from the block that starts while a graph from outside
+    waits for its own (DDP arms at the forward): an extra all-reduce, the same gradients.
+
     Inside the block the model has a forward pre-hook of its own, removed on exit; the
-    outermost block switches sync back on as it leaves.
+    outermost block switches sync back on as it leaves. (in place, FSDP2) The first block
+    leaves a forward hook on the model that marks each forward's outputs.
+
+    Raises:
+        GradSyncOrderError: under DDP with find_unused_parameters, static_graph or
+            join_uneven_inputs, the backward of a graph from outside the block starts
+            after another backward took the all-reduce its forward armed.
 
     >>> with accel.no_sync(model, ctx):
     ...     accel.backward(model(x).sum(), optimizer, ctx)

@@ -15,6 +15,7 @@ from accel.errors import (
     TransformOrderError,
     UnsupportedError,
 )
+from accel.validation import check_bool, check_context, check_module
 
 PRECISIONS = ("no", "bf16", "fp16", "fp8")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
@@ -75,8 +76,11 @@ def with_amp(
 
     >>> model, ctx = accel.with_amp(model, ctx, dtype="bf16")
     """
+    check_module("with_amp", "model", model)
+    check_context("with_amp", ctx)
     if dtype not in PRECISIONS:
         raise IncompatibleOptionsError(f"dtype must be one of {PRECISIONS}, got {dtype!r}")
+    check_bool("with_amp", "fp32_outputs", fp32_outputs)
     if ctx.was_applied("with_amp"):
         raise TransformOrderError("with_amp was already applied; apply it once")
     _check_not_autocast(model)

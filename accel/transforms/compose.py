@@ -20,7 +20,12 @@ def _split_signature(transform: Callable[..., Any]) -> tuple[list[str], list[str
             f"compose takes transforms (functions or functools.partial), got a "
             f"{type(transform).__name__}: pass accel.with_amp, not accel.with_amp(...)"
         )
-    params = list(inspect.signature(transform).parameters.values())
+    try:
+        params = list(inspect.signature(transform).parameters.values())
+    except (TypeError, ValueError):  # a builtin or a class without a signature
+        raise IncompatibleOptionsError(
+            f"compose takes transforms with a signature (model, ctx, ...), got "
+            f"{_name(transform)}") from None
     names = [p.name for p in params]
     if "ctx" not in names:
         raise IncompatibleOptionsError(

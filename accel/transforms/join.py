@@ -10,6 +10,8 @@ from torch import nn
 
 from accel.backends import backend_for
 from accel.context import Context
+from accel.data.loader import DistributedLoader
+from accel.validation import check_context, check_module, check_type
 
 
 @contextlib.contextmanager
@@ -23,6 +25,11 @@ def join_uneven_inputs(model: nn.Module, ctx: Context, *, loader: Any = None) ->
     ...     for batch in loader:
     ...         train_step(batch)
     """
+    check_module("join_uneven_inputs", "model", model)
+    check_context("join_uneven_inputs", ctx)
+    # It marks the loader (`joined`): a plain DataLoader would only get a stray attribute.
+    check_type("join_uneven_inputs", "loader", loader, DistributedLoader,
+               "the DistributedLoader from accel.distribute_loader (or None)", optional=True)
     with backend_for(ctx).join(model):
         if loader is None:
             yield

@@ -14,6 +14,7 @@ from accel.backends import LOCAL_SGD, has_capability
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, UnsupportedError
 from accel.transforms.accumulation import no_sync
+from accel.validation import check_context, check_module
 
 
 class LocalSGD:
@@ -54,8 +55,11 @@ def local_sgd(model: nn.Module, ctx: Context, *, sync_every: int) -> Iterator[Lo
     ...         accel.backward(loss_fn(model, batch), optimizer, ctx)
     ...         optimizer.step(); optimizer.zero_grad(); sgd.step()
     """
-    if not isinstance(sync_every, int) or sync_every < 1:
-        raise IncompatibleOptionsError(f"sync_every must be a positive integer, got {sync_every!r}")
+    check_module("local_sgd", "model", model)
+    check_context("local_sgd", ctx)
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise IncompatibleOptionsError(
+            f"accel.local_sgd: sync_every must be an int >= 1, got {sync_every!r}")
     if not has_capability(ctx, LOCAL_SGD):
         raise UnsupportedError(
             f"local_sgd needs every rank to hold and update whole parameters; the {ctx.backend} "

@@ -16,6 +16,7 @@ from accel.backends import backend_for
 from accel.backends._optimizer import AccelOptimizer
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError
+from accel.validation import check_context, check_module, check_number, check_type, fail
 
 
 def wrap_optimizer(
@@ -38,6 +39,11 @@ def wrap_optimizer(
         raise TransformOrderError(
             "wrap_optimizer was already applied to this optimizer; use it as it is"
         )
+    check_type("wrap_optimizer", "optimizer", optimizer, torch.optim.Optimizer,
+               "a torch.optim.Optimizer built over the model's parameters")
+    check_context("wrap_optimizer", ctx)
+    check_type("wrap_optimizer", "scaler", scaler, torch.amp.GradScaler,
+               "a torch.amp.GradScaler (or None)", optional=True)
     if ctx.precision == "fp16" and scaler is None:
         scaler = torch.amp.GradScaler(ctx.device.type)
     elif ctx.precision != "fp16" and scaler is not None:
@@ -87,6 +93,7 @@ def wrap_scheduler(scheduler: Any, ctx: Context, optimizer: AccelOptimizer) -> t
 
     >>> scheduler, ctx = accel.wrap_scheduler(scheduler, ctx, optimizer)
     """
+    check_context("wrap_scheduler", ctx)
     if not isinstance(optimizer, AccelOptimizer):
         raise TransformOrderError(
             "wrap_scheduler needs the optimizer returned by wrap_optimizer: apply "
@@ -96,6 +103,11 @@ def wrap_scheduler(scheduler: Any, ctx: Context, optimizer: AccelOptimizer) -> t
         raise TransformOrderError(
             "wrap_scheduler was already applied to this scheduler; use it as it is"
         )
+    # Duck-typed: DeepSpeed's and transformers' schedules are no torch LRScheduler.
+    if not (callable(getattr(scheduler, "step", None))
+            and callable(getattr(scheduler, "state_dict", None))):
+        fail("wrap_scheduler", "scheduler", scheduler,
+             "a learning-rate scheduler (torch.optim.lr_scheduler.*, with step and state_dict)")
     own = getattr(scheduler, "optimizer", None)
     if own is not None and own is not optimizer and own is not optimizer.optimizer:
         raise IncompatibleOptionsError(
@@ -112,9 +124,18 @@ def backward(loss: torch.Tensor, optimizer: AccelOptimizer, ctx: Context, **kwar
 
     >>> accel.backward(loss, optimizer, ctx)
     """
+    # Every step: two isinstance checks and the one of _require_wrapped.
+    check_type("backward", "loss", loss, torch.Tensor, "a torch.Tensor (the loss)")
+    check_context("backward", ctx)
     _require_wrapped(optimizer, "backward")
     if optimizer.accumulation is not None and optimizer.accumulation.steps > 1:
         loss = loss / optimizer.accumulation.steps
+    if ctx.loss_parallel:  # the loss came from vocabulary-sharded logits
+        from accel.transforms.tensor_parallel import loss_parallel
+
+        with loss_parallel(ctx):
+            backend_for(ctx).backward(loss, optimizer, **kwargs)
+        return
     backend_for(ctx).backward(loss, optimizer, **kwargs)
 
 
@@ -130,6 +151,9 @@ def clip_grad_norm(
 
     >>> norm = accel.clip_grad_norm(model, ctx, 1.0, optimizer=optimizer)
     """
+    _check_clip("clip_grad_norm", model, ctx, "max_norm", max_norm)
+    # torch's norms: any p > 0, or float("inf") for the largest element.
+    check_number("clip_grad_norm", "norm_type", norm_type, above=0, finite=False)
     if not _ready_to_clip(ctx, optimizer, "clip_grad_norm"):
         return None
     return backend_for(ctx).clip_grad_norm(model, max_norm, norm_type)
@@ -139,8 +163,17 @@ def clip_grad_value(
     model: nn.Module, ctx: Context, clip_value: float, *, optimizer: AccelOptimizer | None = None
 ) -> None:
     """Clamp every gradient element to [-clip_value, clip_value] (see clip_grad_norm)."""
+    _check_clip("clip_grad_value", model, ctx, "clip_value", clip_value)
     if _ready_to_clip(ctx, optimizer, "clip_grad_value"):
         backend_for(ctx).clip_grad_value(model, clip_value)
+
+
+def _check_clip(function: str, model: Any, ctx: Any, name: str, bound: Any) -> None:
+    # A bound <= 0 zeroes every gradient and nan poisons them: mistakes. inf clips nothing
+    # and is how a loop measures the gradient norm without clipping: allowed.
+    check_module(function, "model", model)
+    check_context(function, ctx)
+    check_number(function, name, bound, above=0, finite=False)
 
 
 def _ready_to_clip(ctx: Context, optimizer: AccelOptimizer | None, name: str) -> bool:
@@ -160,8 +193,11 @@ def _ready_to_clip(ctx: Context, optimizer: AccelOptimizer | None, name: str) ->
 
 
 def _require_wrapped(optimizer: Any, name: str) -> None:
-    if not isinstance(optimizer, AccelOptimizer):
-        raise TransformOrderError(
-            f"{name} needs the optimizer returned by accel.wrap_optimizer, got "
-            f"{type(optimizer).__name__}; wrap it first"
-        )
+    if isinstance(optimizer, AccelOptimizer):
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):  # not a step left out: a wrong object
+        fail(name, "optimizer", optimizer, "the optimizer returned by accel.wrap_optimizer")
+    raise TransformOrderError(
+        f"{name} needs the optimizer returned by accel.wrap_optimizer, got "
+        f"{type(optimizer).__name__}; wrap it first"
+    )

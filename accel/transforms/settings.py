@@ -20,6 +20,7 @@ import attrs
 
 from accel.backends import builtin_names, strategy_class
 from accel.errors import IncompatibleOptionsError, LaunchEnvironmentError
+from accel.validation import check_mapping
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -318,6 +319,8 @@ def training_settings(env: Mapping[str, str] | None = None) -> TrainingSettings:
     >>> settings = training_settings()     # in a script run by `accel launch --config run.toml`
     >>> model, ctx = accel.with_amp(model, ctx, dtype=settings.mixed_precision)
     """
+    check_mapping("training_settings", "env", env,
+                  "a mapping of variables (os.environ by default)", optional=True)
     values = parse_env(os.environ if env is None else env)
     fields = attrs.fields_dict(TrainingSettings)
     for name, value in values.items():

@@ -13,7 +13,8 @@ from torch import nn
 
 from accel.backends import KEEPS_PARAMETERS, Strategy, engine_of, resolve_strategy
 from accel.context import Context
-from accel.errors import InvalidArgumentError, TransformOrderError
+from accel.errors import TransformOrderError
+from accel.validation import check_context, check_module
 
 
 def shard_model(
@@ -41,9 +42,8 @@ def shard_model(
 
     >>> model, ctx = accel.shard_model(model, ctx, strategy="ddp")
     """
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(
-            f"shard_model: model must be a torch nn.Module, got {type(model).__name__}")
+    check_module("shard_model", "model", model)
+    check_context("shard_model", ctx)
     if ctx.was_applied("shard_model"):
         raise TransformOrderError(
             "shard_model was already applied to this Context; apply it once, after with_amp"
@@ -74,5 +74,7 @@ def unwrap_model(model: nn.Module, ctx: Context) -> nn.Module:
 
     Also strips a torch.compile wrapper.
     """
+    check_module("unwrap_model", "model", model)
+    check_context("unwrap_model", ctx)
     inner = engine_of(ctx).unwrap_model(model)
     return getattr(inner, "_orig_mod", inner)

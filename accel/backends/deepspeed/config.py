@@ -18,7 +18,8 @@ from typing import Any
 import attrs
 
 from accel.backends import COLLECTIVE_BACKWARD, ENGINE_HOLDS_WEIGHTS, BuiltinStrategy
-from accel.errors import IncompatibleOptionsError, UnsupportedError
+from accel.errors import IncompatibleOptionsError, InvalidOptionError, UnsupportedError
+from accel.validation import check_bool, check_type, option_validator, shown
 
 AUTO = "auto"
 
@@ -213,12 +214,16 @@ def _settle_loss_scaling(config: dict[str, Any], scaler: Any) -> None:
     settle(config, "fp16.hysteresis", 1, f"{source} (halves the scale at every overflow)")
 
 
-def _check_deepspeed_stage(instance: Any, attribute: Any, value: int | None) -> None:
-    if value not in (None, 1, 2, 3):
-        raise IncompatibleOptionsError(
-            f"DeepSpeed stage must be 1 (optimizer state partitioned), 2 (+ gradients) or "
-            f"3 (+ parameters), got {value!r}"
-        )
+def _check_deepspeed_stage(instance: Any, attribute: Any, value: Any) -> None:
+    if value is None or (type(value) is int and value in (1, 2, 3)):  # not True, not 2.0
+        return
+    raise InvalidOptionError(
+        f"accel.DeepSpeed: stage must be 1 (optimizer state partitioned), 2 (+ gradients), "
+        f"3 (+ parameters) or None (the config's, else 2), got {shown(value)}"
+    )
+
+
+_offload_flag = option_validator("DeepSpeed", check_bool, optional=True)
 
 
 @attrs.frozen
@@ -249,10 +254,12 @@ class DeepSpeed(BuiltinStrategy):
 
     capabilities = frozenset({COLLECTIVE_BACKWARD, ENGINE_HOLDS_WEIGHTS})
     stage: int | None = attrs.field(default=None, validator=_check_deepspeed_stage)
-    offload_optimizer: bool | None = None
-    offload_params: bool | None = None
+    offload_optimizer: bool | None = attrs.field(default=None, validator=_offload_flag)
+    offload_params: bool | None = attrs.field(default=None, validator=_offload_flag)
     # A dict does not hash: compared, but left out of the hash of the frozen config.
-    config: Any = attrs.field(default=None, hash=False)
+    config: Any = attrs.field(default=None, hash=False, validator=option_validator(
+        "DeepSpeed", check_type, (Mapping, str, os.PathLike),
+        "a DeepSpeed config dict or the path of its JSON file", optional=True))
 
     @classmethod
     def from_settings(cls, settings: Any) -> DeepSpeed:
