@@ -28,6 +28,7 @@ from accel.errors import (
 from accel.mesh import DATA_PARALLEL, MeshLayout, build_device_mesh, dp_group_of
 from accel.validation import (
     check_bool,
+    check_context,
     check_device,
     check_mapping,
     check_seed,
@@ -500,6 +501,7 @@ def shutdown(ctx: Context) -> None:
 
     >>> accel.shutdown(ctx)
     """
+    check_context("shutdown", ctx)
     if not (ctx.owns_process_group and dist.is_initialized()):
         return
     from accel.runtime.process import bounded_barrier

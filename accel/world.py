@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 import attrs
 
 from accel.errors import LaunchEnvironmentError
+from accel.validation import check_mapping
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -193,6 +194,8 @@ def detect_world(env: Mapping[str, str]) -> World:
     >>> detect_world({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).rank
     1
     """
+    check_mapping("detect_world", "env", env,
+                  "a Mapping of launch variables (os.environ or a dict of str)")
     for marker, parse in _LAUNCHERS:
         if env.get(marker, "") != "":
             # SLURM without srun (a batch script's one shell) has SLURM_PROCID=0 but also

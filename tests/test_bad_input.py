@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -193,6 +195,30 @@ def class_names(value: Any) -> bool:
 
 
 CLASS_NAMES = class_names
+
+
+def fn_or_ctx(value: Any) -> bool:
+    """What the decorators on_main_process & co. take: a function, or the Context to bind."""
+    return callable(value) or isinstance(value, Context)
+
+
+FN_OR_CTX = fn_or_ctx
+
+
+def is_splittable(value: Any) -> bool:
+    """split_between_processes: a sequence, or a dict of sequences of one length."""
+    kinds = (list, tuple, torch.Tensor, np.ndarray)
+    if isinstance(value, kinds):
+        return True
+    return isinstance(value, Mapping) and all(isinstance(v, kinds) for v in value.values()) \
+        and len({len(v) for v in value.values()}) <= 1
+
+
+def is_shard_size(value: Any) -> bool:
+    """save_model's max_shard_size: bytes > 0 or a size with a unit."""
+    if isinstance(value, str):
+        return re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value) is not None
+    return int_in(1)(value)
 RANKS = one_of("data", "all")
 
 # --------------------------------------------------------------------------- valid arguments
@@ -233,6 +259,31 @@ def wrapped(model: nn.Module | None = None) -> AccelOptimizer:
     return accel.wrap_optimizer(torch.optim.SGD(params, lr=0.1), Context())[0]
 
 
+def prepared() -> dict[str, Any]:
+    """A model and its wrapped optimizer, as accumulate_grads takes them."""
+    model = linear()
+    return dict(model=model, optimizer=wrapped(model), ctx=Context())
+
+
+def saved_state() -> Path:
+    """A checkpoint of linear() that load_state reads (written once)."""
+    path = WORK / "state"
+    if not path.exists():
+        accel.save_state(path, Context(), model=linear(), rng=False)
+    return path
+
+
+def deepspeed_init(**kwargs: Any) -> None:
+    """accel.deepspeed_init, entered; importing deepspeed sets PYTORCH_NVML_BASED_CUDA_CHECK."""
+    env = dict(os.environ)
+    try:
+        with accel.deepspeed_init(**kwargs):
+            pass
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
 def backward_arguments() -> dict[str, Any]:
     model = linear()
     return dict(loss=model(torch.ones(1, 2)).sum(), optimizer=wrapped(model), ctx=Context())
@@ -257,11 +308,12 @@ class Case:
     #: how to call it with the keywords; default accel.<name>(**kwargs)
     call: Callable[..., Any] | None = None
     #: the error the valid call raises in a one-process world (no process group, no tp)
-    valid_raises: type[Exception] | None = None
+    valid_raises: type[Exception] | tuple[type[Exception], ...] | None = None
 
     def __call__(self, kwargs: dict[str, Any]) -> Any:
         result = (self.call or getattr(accel, self.name))(**kwargs)
-        if isinstance(result, AbstractContextManager):  # checked on entry, like `with`
+        # checked on entry, like `with` (a Path is a deprecated no-op context manager)
+        if isinstance(result, AbstractContextManager) and not isinstance(result, Path):
             with result:
                 pass
         return result
@@ -281,6 +333,23 @@ DISPATCH = {"offload_dir": optional(PATH), "main_device": optional(is_main_devic
 
 CASES = [
     # core
+    Case("shutdown", lambda: dict(ctx=Context()), {"ctx": CTX}),
+    Case("detect_world", lambda: dict(env={}), {"env": MAPPING}),
+    Case("wait_for_everyone", lambda: dict(ctx=Context()), {
+        "ctx": CTX, "timeout": optional(is_timeout)}),
+    Case("main_process_first", lambda: dict(ctx=Context()), {"ctx": CTX}),
+    Case("local_main_process_first", lambda: dict(ctx=Context()), {"ctx": CTX}),
+    *[Case(name, lambda: dict(fn_or_ctx=Context()), {"fn_or_ctx": FN_OR_CTX})
+      for name in ("on_main_process", "on_local_main_process", "on_last_process")],
+    Case("on_process", lambda: dict(index=0, ctx=Context()), {
+        "index": int_in(0), "ctx": optional(CTX)}),
+    Case("split_between_processes", lambda: dict(data=[1, 2], ctx=Context()), {
+        "data": is_splittable, "ctx": CTX, "apply_padding": is_bool}),
+    Case("print", lambda: dict(ctx=Context(), file=io.StringIO()), {
+        "ctx": CTX, "per_node": is_bool}),
+    # flag takes anything `if` takes; only a tensor of several elements is drawn rarely
+    Case("any_rank", lambda: dict(flag=True, ctx=Context()), {"ctx": CTX}),
+    Case("all_ranks", lambda: dict(flag=True, ctx=Context()), {"ctx": CTX}),
     Case("init", lambda: dict(env={}), {
         "device": optional(is_device), "dist_backend": optional(is_backend),
         "timeout": is_timeout, "seed": optional(int_in(0, 2**64 - 1)),
@@ -377,12 +446,41 @@ CASES = [
         "optimizer": optional(instance(AccelOptimizer))}),
     Case("local_sgd", lambda: dict(model=linear(), ctx=Context(), sync_every=2), {
         "model": MODULE, "ctx": CTX, "sync_every": int_in(1)}),
+    Case("accumulate_grads", lambda: dict(prepared(), steps=2), {
+        "model": MODULE, "optimizer": instance(AccelOptimizer), "ctx": CTX,
+        "steps": int_in(1), "loader": optional(instance(DistributedLoader)),
+        "sync_each_batch": is_bool}),
+    Case("no_sync", lambda: dict(model=linear(), ctx=Context()), {"model": MODULE, "ctx": CTX}),
     Case("join_uneven_inputs", lambda: dict(model=linear(), ctx=Context()), {
         "model": MODULE, "ctx": CTX, "loader": optional(instance(DistributedLoader))}),
     # compose(*transforms): the second of the pipeline's transforms replaced
     Case("compose", lambda: dict(transforms=accel.shard_model), {"transforms": callable},
          call=lambda transforms: accel.compose(accel.with_amp, transforms)),
     Case("training_settings", dict, {"env": optional(MAPPING)}),
+    Case("deepspeed_init", lambda: dict(ctx=Context()), {
+        "ctx": CTX, "strategy": optional(instance(accel.DeepSpeed)),
+        "precision": one_of("no", "bf16", "fp16")},
+        # no process group in one process (or no deepspeed installed)
+        call=deepspeed_init,
+        valid_raises=(accel.errors.IncompatibleOptionsError, accel.errors.MissingDependencyError)),
+    # checkpoints
+    Case("CheckpointFolder", lambda: dict(root=WORK / "folder"), {
+        "root": PATH, "total_limit": optional(int_in(1)),
+        "prefix": lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]*", v) is not None
+        and ".tmp-" not in v}),
+    Case("save_state", lambda: dict(path=WORK / "saved", ctx=Context(), model=linear(),
+                                    rng=False), {
+        "path": instance(str, os.PathLike, accel.CheckpointFolder), "ctx": CTX, "model": MODULE,
+        "rng": is_bool, "step": optional(int_in(0))}),
+    Case("load_state", lambda: dict(path=saved_state(), ctx=Context(), model=linear(),
+                                    rng=False), {
+        "path": instance(str, os.PathLike, accel.CheckpointFolder), "ctx": CTX, "model": MODULE,
+        "rng": is_bool, "verify": is_bool}),
+    Case("save_model", lambda: dict(model=linear(), directory=WORK / "export", ctx=Context()), {
+        "model": MODULE, "directory": PATH, "ctx": CTX, "max_shard_size": is_shard_size}),
+    Case("load_model", lambda: dict(model=linear(), path=WORK / "model.safetensors",
+                                    ctx=Context()), {
+        "model": MODULE, "path": PATH, "ctx": CTX, "strict": is_bool}),
     # data
     Case("distribute_loader", lambda: dict(loader=loader(), ctx=Context()), {
         "loader": instance(DataLoader), "ctx": CTX, "split_batches": is_bool,
@@ -443,17 +541,7 @@ EXEMPT = {
     "Single",  # a strategy config with no options: nothing to pass wrong
     "release_memory",  # takes any objects, by design
     "errors",  # a module
-    # owned by other work in progress; they validate their own arguments
-    "CheckpointFolder", "CheckpointInfo", "load_model", "load_state", "save_model",
-    "save_state",  # accel/checkpoint
-    "accumulate_grads", "no_sync",  # accel/transforms/accumulation.py
-    "shutdown",  # accel/context.py's shutdown
-    "all_ranks", "any_rank", "local_main_process_first", "main_process_first",
-    "on_last_process", "on_local_main_process", "on_main_process", "on_process", "print",
-    "split_between_processes", "wait_for_everyone",  # accel/runtime/process.py
-    # TODO(validation): not yet covered, outside this change's files
-    "detect_world",  # accel/world.py: detect_world(env) with a non-mapping env
-    "deepspeed_init",  # accel/backends/deepspeed/engine.py: ctx and strategy types
+    "CheckpointInfo",  # the record load_state returns
 }
 
 BY_NAME = {case.name: case for case in CASES}

@@ -23,6 +23,7 @@ Layout of a checkpoint directory (format version 1)::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from accel.checkpoint.files import (
     describe,
     verify,
 )
+from accel.checkpoint.folder import CheckpointFolder
 from accel.context import Context
 from accel.errors import (
     AccelError,
@@ -49,6 +51,7 @@ from accel.errors import (
     UnsupportedError,
 )
 from accel.runtime import ops
+from accel.validation import check_bool, check_context, check_module, check_type
 
 FORMAT = "accel-checkpoint"
 FORMAT_VERSION = 1
@@ -70,6 +73,16 @@ class CheckpointInfo:
     backend: str
     metadata: dict[str, Any] = attrs.field(eq=False, repr=False)
     recovered: bool = False
+
+
+def check_checkpoint_arguments(function: str, path: Any, ctx: Any, model: Any, *,
+                               rng: Any) -> None:
+    """The arguments save_state and load_state share."""
+    check_type(function, "path", path, (str, os.PathLike, CheckpointFolder),
+               "a checkpoint directory (str or os.PathLike) or an accel.CheckpointFolder")
+    check_context(function, ctx)
+    check_module(function, "model", model)
+    check_bool(function, "rng", rng)
 
 
 def check_extras(extra: dict[str, Any], verb: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from accel.context import Context
 from accel.errors import AccelError, InvalidArgumentError
 from accel.inference.memory import parse_size
 from accel.runtime.process import any_rank
+from accel.validation import check_bool, check_context, check_module, check_type, fail
 
 __all__ = ["INDEX_NAME", "WEIGHTS_NAME", "LoadResult", "load_model", "save_model"]
 
@@ -76,9 +77,8 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], ctx: Context
     >>> accel.save_model(model, "export/", ctx, max_shard_size="2GB")
     >>> GPT2LMHeadModel.from_pretrained("export/")
     """
-    max_bytes = parse_size(max_shard_size)
-    if max_bytes <= 0:
-        raise InvalidArgumentError(f"max_shard_size must be > 0 bytes, got {max_shard_size!r}")
+    _check_arguments("save_model", model, "directory", directory, ctx)
+    max_bytes = _shard_bytes(max_shard_size)
     module = unwrap_for_export(model, ctx)
     specs, fetch = _full_state_source(model, module, ctx)
     target = Path(directory)
@@ -149,6 +149,28 @@ def _whole(tensor: torch.Tensor, writer: bool) -> torch.Tensor | None:
 # --------------------------------------------------------------------------- load
 
 
+def _check_arguments(function: str, model: Any, name: str, path: Any, ctx: Any) -> None:
+    check_module(function, "model", model)
+    check_type(function, name, path, (str, os.PathLike), "a folder or file path (str or "
+               "os.PathLike)")
+    check_context(function, ctx)
+
+
+_SHARD_SIZE = "an int > 0 (bytes) or a size such as '5GB' or '500MiB'"
+
+
+def _shard_bytes(max_shard_size: Any) -> int:
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
+        fail("save_model", "max_shard_size", max_shard_size, _SHARD_SIZE)
+    try:
+        max_bytes = parse_size(max_shard_size)
+    except InvalidArgumentError:
+        max_bytes = 0
+    if max_bytes <= 0:
+        fail("save_model", "max_shard_size", max_shard_size, _SHARD_SIZE, wrong_type=False)
+    return max_bytes
+
+
 def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
                strict: bool = True) -> LoadResult:
     """Load full weights into `model` (plain, DDP, FSDP2 or DeepSpeed); a collective.
@@ -167,6 +189,8 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
 
     >>> accel.load_model(model, "export/", ctx)
     """
+    _check_arguments("load_model", model, "path", path, ctx)
+    check_bool("load_model", "strict", strict)
     sources = WeightFiles(path)
     module = unwrap_for_export(model, ctx)
     targets = module.state_dict(keep_vars=True)

@@ -22,12 +22,14 @@ import attrs
 
 from accel.checkpoint.files import METADATA, TMP_MARK, fsync_path, is_complete
 from accel.checkpoint.staging import remove_stale, tmp_name
-from accel.errors import InvalidArgumentError
+from accel.validation import check_int, check_type, fail
 
 __all__ = ["METADATA", "CheckpointFolder"]
 
 
 def _to_path(value: str | Path) -> Path:
+    check_type("CheckpointFolder", "root", value, (str, os.PathLike),
+               "a folder path (str or os.PathLike)")
     return Path(value)
 
 
@@ -50,15 +52,13 @@ class CheckpointFolder:
     prefix: str = "checkpoint_"
 
     def __attrs_post_init__(self) -> None:
-        if self.total_limit is not None and (
-                not isinstance(self.total_limit, int) or self.total_limit < 1):
-            raise InvalidArgumentError(
-                f"CheckpointFolder(total_limit={self.total_limit!r}) must be a positive int "
-                "(the number of newest checkpoints to keep) or None to keep all")
+        # total_limit: the number of newest checkpoints to keep, None to keep all
+        check_int("CheckpointFolder", "total_limit", self.total_limit, minimum=1,
+                  optional=True)
+        allowed = f"a str of letters, digits, '_', '-' and '.' without {TMP_MARK!r}"
+        check_type("CheckpointFolder", "prefix", self.prefix, str, allowed)
         if not re.fullmatch(r"[A-Za-z0-9_.-]*", self.prefix) or TMP_MARK in self.prefix:
-            raise InvalidArgumentError(
-                f"CheckpointFolder(prefix={self.prefix!r}) may hold letters, digits, '_', "
-                f"'-' and '.' only, and not {TMP_MARK!r}")
+            fail("CheckpointFolder", "prefix", self.prefix, allowed, wrong_type=False)
 
     def name(self, number: int) -> str:
         return f"{self.prefix}{number:06d}"

@@ -11,6 +11,7 @@ from accel.backends import ENGINE_HOLDS_WEIGHTS, backend_for, has_capability
 from accel.checkpoint.common import (
     CheckpointInfo,
     agree,
+    check_checkpoint_arguments,
     check_extras,
     check_files,
     check_metadata,
@@ -37,6 +38,7 @@ from accel.context import Context
 from accel.errors import CheckpointNotFoundError, IncompatibleOptionsError, UnsupportedError
 from accel.runtime.logging import get_logger
 from accel.transforms.optim import AccelOptimizer
+from accel.validation import check_bool
 
 MISMATCH_FIX = (
     "Load it into the same setup that saved it: the same layers and sizes, optimizer class "
@@ -84,6 +86,8 @@ def load_state(
     >>> info = accel.load_state(folder, ctx, model=model, optimizer=optimizer, loader=loader)
     >>> start = info.step
     """
+    check_checkpoint_arguments("load_state", path, ctx, model, rng=rng)
+    check_bool("load_state", "verify", verify)
     check_extras(extra, "load_state")
     final, recovered = on_main(ctx, lambda: _resolve(path), "finding the checkpoint")
     if recovered:

@@ -30,6 +30,7 @@ from accel.backends import SHARDED_CHECKPOINT, backend_for, has_capability
 from accel.checkpoint.common import (
     FORMAT,
     FORMAT_VERSION,
+    check_checkpoint_arguments,
     check_extras,
     describe_error,
     file_records,
@@ -49,6 +50,7 @@ from accel.errors import CheckpointSaveError, IncompatibleOptionsError, InvalidA
 from accel.inference.memory import format_size
 from accel.runtime import ops
 from accel.transforms.optim import AccelOptimizer
+from accel.validation import check_int
 
 
 def save_state(
@@ -80,6 +82,8 @@ def save_state(
     >>> accel.save_state(folder, ctx, model=model, optimizer=optimizer, loader=loader)
     PosixPath('runs/exp1/checkpoint_000001')
     """
+    check_checkpoint_arguments("save_state", path, ctx, model, rng=rng)
+    check_int("save_state", "step", step, minimum=0, optional=True)
     check_extras(extra, "save_state")
     _check_at_boundary(optimizer)
     tmp = on_main(ctx, lambda: _begin(path), "preparing the checkpoint directory")

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 
 from accel.context import Context
-from accel.errors import InvalidArgumentError, StuckRanksError
+from accel.errors import InvalidArgumentError, InvalidArgumentTypeError, StuckRanksError
 from accel.runtime.ops import _per_rank, reduce
+from accel.validation import check_bool, check_context, check_timeout, fail, shown
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +39,8 @@ def wait_for_everyone(ctx: Context, *, timeout: float | datetime.timedelta | Non
 
     >>> accel.wait_for_everyone(ctx)
     """
+    check_context("wait_for_everyone", ctx)
+    check_timeout("wait_for_everyone", "timeout", timeout, optional=True)
     if ctx.is_distributed and ctx.device.type == "xla":
         from accel.runtime.xla import rendezvous
 
@@ -162,6 +165,7 @@ def main_process_first(ctx: Context) -> Iterator[None]:
     >>> with accel.main_process_first(ctx):
     ...     dataset = load_and_cache(path)
     """
+    check_context("main_process_first", ctx)
     with _first(ctx, ctx.is_main_process):
         yield
 
@@ -173,6 +177,7 @@ def local_main_process_first(ctx: Context) -> Iterator[None]:
     >>> with accel.local_main_process_first(ctx):
     ...     tokenizer = download_to_local_disk(name)
     """
+    check_context("local_main_process_first", ctx)
     with _first(ctx, ctx.is_local_main_process):
         yield
 
@@ -222,10 +227,8 @@ def _decorator(should_run: Callable[[Context], bool], name: str) -> Callable[...
             return lambda fn: _only_where(should_run, fn, fn_or_ctx, f"{name}(ctx)")
         if callable(fn_or_ctx):
             return _only_where(should_run, fn_or_ctx, None, f"{name}(ctx)")
-        raise InvalidArgumentError(
-            f"{name} decorates a function (@accel.{name}) or takes a Context "
-            f"(@accel.{name}(ctx)); got {type(fn_or_ctx).__name__}"
-        )
+        fail(name, "fn_or_ctx", fn_or_ctx, f"a function to decorate (@accel.{name}) or an "
+             f"accel.Context (@accel.{name}(ctx))")
 
     decorate.__name__ = decorate.__qualname__ = name
     return decorate
@@ -267,8 +270,11 @@ def on_process(index: int, ctx: Context | None = None) -> Callable[[F], F]:
     >>> @accel.on_process(1, ctx)     # Context bound now
     ... def log_second_bound(): ...
     """
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise InvalidArgumentError(f"on_process: index must be a rank (an int >= 0), got {index!r}")
+    if isinstance(index, bool) or not isinstance(index, int):
+        fail("on_process", "index", index, "a rank (an int >= 0)")
+    if index < 0:
+        fail("on_process", "index", index, "a rank (an int >= 0)", wrong_type=False)
+    check_context("on_process", ctx, optional=True)
 
     def should_run(context: Context) -> bool:
         if index >= context.world_size:
@@ -298,6 +304,8 @@ def split_between_processes(data: Any, ctx: Context, *, apply_padding: bool = Fa
 
     >>> prompts = accel.split_between_processes(all_prompts, ctx)
     """
+    check_context("split_between_processes", ctx)
+    check_bool("split_between_processes", "apply_padding", apply_padding)
     length = _length(data)
     base, extra = divmod(length, ctx.world_size)
     start = ctx.rank * base + min(ctx.rank, extra)
@@ -319,17 +327,18 @@ def _length(data: Any) -> int:
     if isinstance(data, _SPLITTABLE):
         return len(data)
     if not isinstance(data, Mapping):
-        raise InvalidArgumentError(
-            f"split_between_processes: cannot split a {type(data).__name__}; pass a list, "
-            "tuple, tensor, numpy array, or a dict of those"
+        raise InvalidArgumentTypeError(
+            f"accel.split_between_processes: cannot split a {type(data).__name__}: data "
+            "must be a list, tuple, tensor, numpy array, or a dict of those"
         )
     lengths = {k: _length(v) if isinstance(v, _SPLITTABLE) else None for k, v in data.items()}
     if None in lengths.values() or len(set(lengths.values())) > 1:
         described = ", ".join(f"{k!r}: {n if n is not None else type(data[k]).__name__}"
                               for k, n in lengths.items())
         raise InvalidArgumentError(
-            "split_between_processes: a dict's values must all be lists, tuples, tensors or "
-            f"arrays of one length, to be split with the same indices; got {{{described}}}"
+            "accel.split_between_processes: data, a dict, must hold lists, tuples, tensors "
+            "or arrays of one length, to be split with the same indices; got "
+            f"{{{described}}}"
         )
     return next(iter(lengths.values()), 0)
 
@@ -356,6 +365,8 @@ def print(*values: Any, ctx: Context, per_node: bool = True, **print_kwargs: Any
 
     >>> accel.print("epoch", epoch, "loss", loss, ctx=ctx)
     """
+    check_context("print", ctx)
+    check_bool("print", "per_node", per_node)
     if ctx.is_local_main_process if per_node else ctx.is_main_process:
         builtins.print(*values, **print_kwargs)
 
@@ -367,7 +378,7 @@ def any_rank(flag: bool, ctx: Context) -> bool:
 
     >>> if accel.any_rank(val_loss > best + patience_margin, ctx): break
     """
-    return _vote(flag, ctx, "max")
+    return _vote(flag, ctx, "max", "any_rank")
 
 
 def all_ranks(flag: bool, ctx: Context) -> bool:
@@ -375,16 +386,17 @@ def all_ranks(flag: bool, ctx: Context) -> bool:
 
     >>> if accel.all_ranks(shard_done, ctx): break
     """
-    return _vote(flag, ctx, "min")
+    return _vote(flag, ctx, "min", "all_ranks")
 
 
-def _vote(flag: bool, ctx: Context, op: str) -> bool:
+def _vote(flag: bool, ctx: Context, op: str, function: str) -> bool:
+    check_context(function, ctx)
     try:
         vote = bool(flag)
     except (RuntimeError, ValueError) as exc:  # a tensor of several elements
         raise InvalidArgumentError(
-            f"any_rank/all_ranks take one truth value per rank, not {flag!r}: {exc}"
-        ) from exc
+            f"accel.{function}: flag must be one truth value per rank, got {shown(flag)}: "
+            f"{exc}") from exc
     if not ctx.is_distributed:
         return vote
     return bool(reduce(torch.tensor(int(vote)), ctx, op=op, ranks="all").item())

@@ -17,6 +17,7 @@ from accel.backends import backend_for
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError
 from accel.transforms.optim import AccelOptimizer
+from accel.validation import check_bool, check_context, check_module
 
 
 class GradientAccumulation:
@@ -90,6 +91,9 @@ def accumulate_grads(
 
     >>> model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx, steps=4)
     """
+    check_module("accumulate_grads", "model", model)
+    check_context("accumulate_grads", ctx)
+    check_bool("accumulate_grads", "sync_each_batch", sync_each_batch)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise IncompatibleOptionsError(
             f"steps must be a positive integer (micro-batches per optimizer update), got "
@@ -146,6 +150,8 @@ def no_sync(model: nn.Module, ctx: Context) -> Iterator[None]:
     >>> with accel.no_sync(model, ctx):
     ...     accel.backward(model(x).sum(), optimizer, ctx)
     """
+    check_module("no_sync", "model", model)
+    check_context("no_sync", ctx)
     backend = backend_for(ctx)
     backend.set_grad_sync(model, False)
     handle = model.register_forward_pre_hook(_SyncOff(backend))

@@ -35,6 +35,7 @@ from accel.errors import (
     TransformOrderError,
     UnsupportedError,
 )
+from accel.validation import check_context, check_type, fail
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 #: user's parameter -> a weak reference to the DeepSpeedModel that holds it, for
@@ -348,6 +349,10 @@ def _batch_size_of(batch: Any) -> int | None:
     return None
 
 
+#: the dtypes deepspeed_init can store parameters in (with_amp's, less fp8).
+_INIT_PRECISIONS = ("no", "bf16", "fp16")
+
+
 @contextlib.contextmanager
 def deepspeed_init(ctx: Context, strategy: Any = None, *,
                    precision: str = "no") -> Iterator[None]:
@@ -367,6 +372,13 @@ def deepspeed_init(ctx: Context, strategy: Any = None, *,
     """
     from accel.backends.deepspeed.config import DeepSpeed
 
+    check_context("deepspeed_init", ctx)
+    check_type("deepspeed_init", "strategy", strategy, DeepSpeed,
+               "an accel.DeepSpeed(stage=3, ...) (or None)", optional=True)
+    if not (isinstance(precision, str) and precision in _INIT_PRECISIONS):
+        fail("deepspeed_init", "precision", precision,
+             f"one of {', '.join(map(repr, _INIT_PRECISIONS))}",
+             wrong_type=not isinstance(precision, str))
     strategy = strategy if strategy is not None else DeepSpeed(stage=3)
     deepspeed = import_deepspeed()
     check_world(ctx)
