@@ -33,6 +33,14 @@ def llama(layers: int = 4) -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def gpt2(layers: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=96,
+                                     n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, eos_token_id=0, bos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
 def tokens(dp_size: int) -> TensorDataset:
     gen = torch.Generator().manual_seed(3)
     count = STEPS * ACCUMULATION * PER_RANK * dp_size
@@ -41,9 +49,9 @@ def tokens(dp_size: int) -> TensorDataset:
 
 def train(ctx: accel.Context, *, layers: int = 4, per_rank: int = PER_RANK,
           accumulation: int = ACCUMULATION, dp_size: int | None = None, tp: dict | None = None,
-          strategy=None) -> dict:
-    """5 AdamW steps on a Llama; `tp` holds tensor_parallel's options (None: no TP)."""
-    model = llama(layers)
+          strategy=None, build=llama) -> dict:
+    """5 AdamW steps on a Llama (or `build`); `tp` holds tensor_parallel's options."""
+    model = build(layers)
     if tp is not None:
         model, ctx = accel.tensor_parallel(model, ctx, plan="auto", **tp)
     model, ctx = accel.shard_model(model, ctx, strategy=strategy)
@@ -62,10 +70,10 @@ def train(ctx: accel.Context, *, layers: int = 4, per_rank: int = PER_RANK,
     return full_parameters(accel.unwrap_model(model, ctx))
 
 
-def reference(dp_size: int, layers: int = 4) -> dict:
+def reference(dp_size: int, layers: int = 4, build=llama) -> dict:
     """One process, the global batch of dp_size ranks x PER_RANK x ACCUMULATION at once."""
     return train(accel.Context(), layers=layers, per_rank=dp_size * PER_RANK * ACCUMULATION,
-                 accumulation=1, dp_size=dp_size, strategy="single")
+                 accumulation=1, dp_size=dp_size, strategy="single", build=build)
 
 
 def assert_close(results: list[dict], expected: dict, what: str) -> None:
@@ -109,6 +117,18 @@ def test_tp2_x_hsdp_2x2_on_eight_ranks_matches_one_process():
     ranks = run_world(tp_and_hsdp, 8, mesh={"dp_replicate": 2, "dp_shard": 2, "tp": 2},
                       timeout=600)
     assert_close(ranks, reference(dp_size=4, layers=2), "tp x hsdp")
+
+
+def gpt2_tp(ctx: accel.Context) -> dict:
+    strategy = accel.FSDP() if ctx.dp_size > 1 else None
+    return train(ctx, layers=2, tp={}, strategy=strategy, build=gpt2)
+
+
+@pytest.mark.parametrize(("mesh", "world"), [({"tp": 2}, 2), ({"dp_shard": 2, "tp": 2}, 4)],
+                         ids=["tp2", "tp2 x fsdp2"])
+def test_gpt2_auto_plan_shards_fused_qkv_and_matches_one_process(mesh, world):
+    ranks = run_world(gpt2_tp, world, mesh=mesh, timeout=300)
+    assert_close(ranks, reference(dp_size=world // 2, layers=2, build=gpt2), f"gpt2 {mesh}")
 
 
 # --------------------------------------------------------------------------- errors

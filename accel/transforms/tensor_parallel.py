@@ -22,7 +22,13 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from accel.context import Context
-from accel.errors import IncompatibleOptionsError, InvalidArgumentError, TransformOrderError
+from accel.errors import (
+    IncompatibleOptionsError,
+    InvalidArgumentError,
+    TransformOrderError,
+    UnsupportedError,
+)
+from accel.transforms.tp_gpt2 import is_gpt2, parallelize_gpt2
 from accel.transforms.tp_plans import auto_plan
 from accel.validation import check_bool, check_context, check_module, fail
 
@@ -40,7 +46,8 @@ def tensor_parallel(
 
     Args:
         plan: {module-name pattern (fnmatch, e.g. "model.layers.*.mlp.up_proj"): torch
-            ParallelStyle}, or "auto": the built-in plan of transformers' Llama family.
+            ParallelStyle}, or "auto": the built-in plan of transformers' Llama family, or
+            of GPT-2 (its Conv1D projections, fused q|k|v included; attention and MLP).
         sequence_parallel: ("auto") norms and the residual stream hold a slice of the
             sequence, gathered before attention and the MLP: less activation memory.
         loss_parallel: ("auto") the LM head's logits stay sharded over the vocabulary;
@@ -66,6 +73,8 @@ def tensor_parallel(
     check_bool("tensor_parallel", "sequence_parallel", sequence_parallel)
     check_bool("tensor_parallel", "loss_parallel", loss_parallel)
     _check_order(model, ctx)
+    if isinstance(plan, str) and is_gpt2(model):  # Conv1D projections: accel's own styles
+        return _parallelize_gpt2(model, ctx, sequence_parallel or loss_parallel)
     if isinstance(plan, str):  # "auto"
         plan = auto_plan(model, sequence_parallel=sequence_parallel,
                          loss_parallel=loss_parallel)
@@ -84,6 +93,20 @@ def tensor_parallel(
                        ", loss_parallel" if loss_parallel else ""])
     return model, ctx.record(f"tensor_parallel(tp={ctx.tp_size}{options})",
                              loss_parallel=loss_parallel)
+
+
+def _parallelize_gpt2(model: nn.Module, ctx: Context,
+                      wants_more: bool) -> tuple[nn.Module, Context]:
+    if wants_more:
+        raise UnsupportedError(
+            "tensor_parallel(plan='auto') on GPT-2 shards attention and MLP projections; "
+            "sequence_parallel and loss_parallel are built for the Llama family only: "
+            "drop them for GPT-2")
+    check_head_counts(model, ctx.tp_size)
+    model.to(ctx.device)
+    _sync_from_rank0(model, ctx)
+    parallelize_gpt2(model, ctx.mesh["tp"])
+    return model, ctx.record(f"tensor_parallel(tp={ctx.tp_size})")
 
 
 class LossParallelForward:

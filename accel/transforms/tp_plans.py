@@ -42,7 +42,8 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool,
                           loss_parallel=loss_parallel)
     raise UnsupportedError(
         f"tensor_parallel(plan='auto') has no plan for {type(model).__name__}; it knows "
-        "transformers' Llama-family models (Llama, Mistral, Qwen2). Pass your own plan: "
+        "transformers' Llama-family models (Llama, Mistral, Qwen2) and GPT-2. Pass your "
+        "own plan: "
         "{'model.layers.*.self_attn.q_proj': ColwiseParallel(), ...}"
     )
 
