@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent / "accel"
 
 #: layer of each package or top-level module; a module may import its layer and below.
 LAYERS = {
-    "errors": 1, "world": 1, "mesh": 1, "context": 1, "runtime": 1, "validation": 1,
+    "errors": 1, "world": 1, "mesh": 1, "context": 1, "process_group": 1, "runtime": 1,
+    "validation": 1,
     "backends": 2,
     "transforms": 3, "data": 3,
     "checkpoint": 4, "inference": 4, "tracking": 4,
@@ -90,7 +91,7 @@ def loaded_after(statement: str) -> list[str]:
 def test_import_accel_context_loads_the_core_only():
     loaded = loaded_after("import accel.context")
     assert set(loaded) <= {"accel", "accel.context", "accel.errors", "accel.mesh",
-                           "accel.validation", "accel.world"}, loaded
+                           "accel.process_group", "accel.validation", "accel.world"}, loaded
 
 
 def test_import_accel_loads_no_engine_dtensor_dcp_inference_or_tracking():

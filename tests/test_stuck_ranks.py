@@ -17,7 +17,7 @@ from torch import nn
 import accel
 from accel.context import DEFAULT_BARRIER_TIMEOUT, init
 from accel.errors import InvalidArgumentError, StuckRanksError
-from accel.runtime import ops
+from accel.runtime import diagnosis
 from accel.runtime.process import bounded_barrier
 from accel.testing import run_world
 
@@ -153,10 +153,10 @@ def test_barrier_timeout_comes_from_init_the_environment_or_the_default():
 
 def test_the_hint_depends_on_debug_mode():
     failure = RuntimeError("Connection closed by peer\nmore lines")
-    plain = ops._failure("gather", accel.Context(), failure)
+    plain = diagnosis._failure("gather", accel.Context(), failure)
     assert plain.startswith("gather failed on rank 0 of 1: Connection closed by peer\n")
     assert "ACCEL_DEBUG=1" in plain and "more lines" not in plain
-    checked = ops._failure("gather", accel.Context(debug=True), failure)
+    checked = diagnosis._failure("gather", accel.Context(debug=True), failure)
     assert "ACCEL_DEBUG=1" not in checked and "look for a rank that stopped" in checked
 
 

@@ -113,3 +113,18 @@ def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float) -> torch
 
 def _whole(norm: torch.Tensor) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def sync_from_rank0(module: nn.Module, ctx: Any) -> None:
+    """Give every rank of the world rank 0's parameters and buffers of `module`.
+
+    Skips DTensors (a shard is its rank's own), meta tensors (no data yet) and a tensor
+    seen before (tied weights are sent once).
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if isinstance(tensor, DTensor) or tensor.is_meta or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            dist.broadcast(tensor.detach(), group_src=0, group=ctx.group)

@@ -86,7 +86,9 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
     _check_process_group(ctx)
     model = model.to(ctx.device)
     if not ctx.layout.only_data_parallel:
-        _sync_replicas(model, ctx)
+        # DDP broadcasts within the data-parallel group only; ranks of other dimensions
+        # (tp, cp) hold replicas too until a transform of theirs shards them.
+        state.sync_from_rank0(model, ctx)
     if any(isinstance(param, DTensor) for param in model.parameters()):
         raise UnsupportedError(
             "DDP over a tensor-parallel model (DTensor parameters) is not supported; use "
@@ -107,22 +109,10 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
         kwargs.update(device_ids=[ctx.device], output_device=ctx.device)
     ddp = DistributedDataParallel(model, **kwargs)
     if strategy.comm_hook is not None:
-        hook, state = _comm_hook(strategy, ctx)
-        _register_comm_hook(ddp, strategy.comm_hook, hook, state)
+        hook, hook_state = _comm_hook(strategy, ctx)
+        _register_comm_hook(ddp, strategy.comm_hook, hook, hook_state)
     _follow_forwards(ddp)  # from the first forward on, or no_sync could not keep its rule
     return ddp
-
-
-def _sync_replicas(model: nn.Module, ctx: Context) -> None:
-    """Give every rank of the mesh rank 0's tensors before DDP syncs its own group.
-
-    DDP broadcasts within the data-parallel group only; ranks of other dimensions (tp,
-    cp) hold replicas too until a transform of theirs shards them.
-    """
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if not isinstance(tensor, DTensor):  # a TP shard is this tp rank's own
-                dist.broadcast(tensor.detach(), group_src=0, group=ctx.group)
 
 
 def _check_process_group(ctx: Context) -> None:

@@ -26,7 +26,6 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.nn.parallel.distributed import _find_tensors
 from torch.utils.weak import WeakIdKeyDictionary
 
 from accel.backends import (
@@ -37,6 +36,7 @@ from accel.backends import (
     single,
 )
 from accel.backends import _state as state
+from accel.backends._fsdp_sync import follow_forwards as _follow_forwards
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, InvalidOptionError, UnsupportedError
 from accel.validation import (
@@ -190,7 +190,9 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
         slots = _parameter_slots(unit)
         if on_meta:
             _materialise(unit, ctx.device, strategy.init_fn)
-        _sync_from_rank0(unit, ctx)
+        # fully_shard keeps each rank's own slice: ranks initialised differently would
+        # train a model stitched from several, and HSDP replicas would never agree.
+        state.sync_from_rank0(unit, ctx)
         fully_shard(unit, **options)
         _link_sharded_parameters(slots)
     collect_engine_cycles_at_exit()
@@ -385,21 +387,6 @@ def _materialise(unit: nn.Module, device: torch.device, init_fn: Any) -> None:
             init_fn(module) if init_fn is not None else module.reset_parameters()
 
 
-def _sync_from_rank0(unit: nn.Module, ctx: Context) -> None:
-    """Give every rank rank 0's values of the unit's tensors, as DDP does at wrap time.
-
-    fully_shard keeps each rank's own slice: ranks initialised differently would train a
-    model stitched from several, and HSDP replicas would never agree.
-    """
-    seen: set[int] = set()
-    with torch.no_grad():
-        for tensor in _tensors(unit, recurse=True):
-            if isinstance(tensor, DTensor) or id(tensor) in seen:
-                continue  # already sharded with an inner unit
-            seen.add(id(tensor))
-            dist.broadcast(tensor.detach(), group_src=0, group=ctx.group)
-
-
 def _parameter_slots(unit: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """Where the parameters that sharding `unit` will replace are registered."""
     return [(module, name, param) for module in unit.modules()
@@ -471,50 +458,6 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     """
     _require_fsdp(model, "switching FSDP's gradient sync")
     _follow_forwards(model).sync = enabled
-
-
-#: each FSDP2 root's _SyncFollowsForward, keyed weakly by the model (no attribute on it).
-_FOLLOWERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _follow_forwards(model: FSDPModule) -> _SyncFollowsForward:
-    if model not in _FOLLOWERS:
-        follower = _FOLLOWERS[model] = _SyncFollowsForward()
-        model.register_forward_hook(follower.after_forward)
-    return _FOLLOWERS[model]
-
-
-class _SyncFollowsForward:
-    """Sets FSDP2's switch at the start of each backward from the forwards of its graphs."""
-
-    def __init__(self) -> None:
-        self.sync = True  # set_grad_sync's value, for the forwards that follow
-        self.task: int | None = None  # the autograd graph task running now, if any
-        self.task_sync = True
-
-    def after_forward(self, model: nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled():
-            return
-        hook = functools.partial(self.before_backward, model, self.sync)
-        for tensor in _find_tensors(output):
-            if tensor.requires_grad:
-                tensor.register_hook(hook)
-
-    def before_backward(self, model: FSDPModule, sync: bool, grad: torch.Tensor) -> None:
-        task = torch._C._current_graph_task_id()
-        if task != self.task:
-            self.task, self.task_sync = task, sync
-            torch.autograd.Variable._execution_engine.queue_callback(
-                functools.partial(self.after_backward, model))
-        # One backward of graphs built both ways (a sum of their losses) is reduced: what
-        # the local ones accumulated before is reduced with it.
-        self.task_sync = self.task_sync or sync
-        model.set_requires_gradient_sync(self.task_sync)
-
-    def after_backward(self, model: FSDPModule) -> None:
-        # Graphs of forwards from before the first set_grad_sync carry no hook: on for them.
-        self.task = None
-        model.set_requires_gradient_sync(True)
 
 
 def join(model: nn.Module) -> contextlib.AbstractContextManager[None]:

@@ -16,7 +16,6 @@ fails raises `CollectiveFailedError`, which says so.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -27,13 +26,11 @@ import torch.distributed as dist
 
 from accel.context import Context
 from accel.errors import (
-    AccelError,
-    CollectiveFailedError,
-    CollectiveMismatchError,
     InvalidArgumentError,
     NotConnectedError,
     UnsupportedError,
 )
+from accel.runtime.diagnosis import debug_check, explained
 from accel.validation import check_bool, check_context, check_device, check_int, check_type
 from accel.world import World
 
@@ -177,81 +174,10 @@ def _check_src(src: int, ctx: Context, name: str) -> None:
         )
 
 
-def _debug_check(name: str, data: Any, ctx: Context, *, compare_shapes: bool = True) -> None:
-    """In debug mode: raise on every rank if the ranks' tensors would not fit one collective."""
-    if not ctx.debug:
-        return
-    mine = (name, [(path, tuple(t.shape), str(t.dtype)) for path, t in _leaves(data)])
-    signatures: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(signatures, mine, group=ctx.group)
-    problem = _first_mismatch(signatures, compare_shapes)
-    if problem:
-        raise CollectiveMismatchError(f"{name}: {problem}")
-
-
-def _first_mismatch(signatures: list[Any], compare_shapes: bool) -> str | None:
-    names = [name for name, _ in signatures]
-    if len(set(names)) > 1:
-        return "ranks called different collectives: " + _per_rank(names, "called ")
-    paths = [[path for path, _, _ in leaves] for _, leaves in signatures]
-    if any(p != paths[0] for p in paths):
-        return "the data has a different structure across ranks: " + _per_rank(
-            paths, "has tensors at ")
-    for i, path in enumerate(paths[0]):
-        where = "" if path == "data" else f" at {path}"
-        shapes = [leaves[i][1] for _, leaves in signatures]
-        if not compare_shapes and len({len(shape) for shape in shapes}) > 1:
-            return (f"numbers of dimensions differ across ranks{where}: {_per_rank(shapes)}; "
-                    "give every rank tensors with the same dimensions")
-        if compare_shapes and len(set(shapes)) > 1:
-            return (f"tensor shapes differ across ranks{where}: {_per_rank(shapes)}; "
-                    "pad them first with accel.pad_across_processes")
-        dtypes = [leaves[i][2] for _, leaves in signatures]
-        if len(set(dtypes)) > 1:
-            return (f"dtypes differ across ranks{where}: {_per_rank(dtypes)}; "
-                    "cast them to one dtype first")
-    return None
-
-
-def _per_rank(values: list[Any], verb: str = "") -> str:
-    return ", ".join(f"rank {rank} {verb}{value}" for rank, value in enumerate(values))
-
-
-def _explained(collective: Callable[..., Any]) -> Callable[..., Any]:
-    """`collective`, re-raising torch's errors with what usually causes them."""
-
-    @functools.wraps(collective)
-    def explained(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return collective(*args, **kwargs)
-        except RuntimeError as exc:
-            if isinstance(exc, AccelError):
-                raise
-            ctx = kwargs["ctx"] if "ctx" in kwargs else args[1]  # (data, ctx, ...) everywhere
-            raise CollectiveFailedError(_failure(collective.__name__, ctx, exc)) from exc
-
-    return explained
-
-
-def _failure(name: str, ctx: Context, exc: RuntimeError) -> str:
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    return (
-        f"{name} failed on rank {ctx.rank} of {ctx.world_size}: {lines[0]}\nEither another "
-        "rank stopped (it crashed, or left the loop early, e.g. with fewer batches: see its "
-        "log; distribute_loader's even_batches=True gives every rank as many), or the "
-        "ranks passed tensors of different shapes or dtypes. "
-        + ("Debug mode is on and checks the shapes of tensor collectives first: look for "
-           "a rank that stopped." if ctx.debug
-           else "Outside debug mode nothing compares shapes, and a mismatch can give a rank "
-           "wrong data before a collective fails: rerun with ACCEL_DEBUG=1 (or accel launch "
-           "--debug) to check shapes across ranks before every collective.")
-    )
-
-
 # --------------------------------------------------------------------------- collectives
 
 
-@_explained
+@explained
 def gather(data: Any, ctx: Context, *, ranks: str = "data") -> Any:
     """All-gather every tensor and concatenate the ranks' pieces along dim 0, in rank order.
 
@@ -267,7 +193,7 @@ def gather(data: Any, ctx: Context, *, ranks: str = "data") -> Any:
     if not ctx.is_distributed:
         return recursively_apply(lambda t: t.reshape(1) if t.dim() == 0 else t, data)
     _require_group(ctx)
-    _debug_check("gather", data, ctx)
+    debug_check("gather", _leaves(data), ctx)
     return recursively_apply(lambda t: _gather_tensor(t, ctx), data)
 
 
@@ -278,7 +204,7 @@ def _gather_tensor(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     return torch.cat(pieces, dim=0).to(tensor.device)
 
 
-@_explained
+@explained
 def gather_object(obj: Any, ctx: Context, *, ranks: str = "data") -> list[Any]:
     """Every rank's picklable `obj`, in rank order; lists and tuples are concatenated.
 
@@ -300,7 +226,7 @@ def gather_object(obj: Any, ctx: Context, *, ranks: str = "data") -> list[Any]:
     return gathered
 
 
-@_explained
+@explained
 def reduce(data: Any, ctx: Context, op: str = "mean", *, ranks: str = "data") -> Any:
     """Reduce every tensor across ranks with `op`: "mean" (default), "sum", "max" or "min".
 
@@ -324,7 +250,7 @@ def reduce(data: Any, ctx: Context, op: str = "mean", *, ranks: str = "data") ->
     ctx = among(ctx, ranks)
     if ctx.is_distributed:
         _require_group(ctx)
-        _debug_check(f"reduce(op={op!r})", data, ctx)
+        debug_check(f"reduce(op={op!r})", _leaves(data), ctx)
     return recursively_apply(lambda t: _reduce_tensor(t, ctx, op), data)
 
 
@@ -340,7 +266,7 @@ def _reduce_tensor(tensor: torch.Tensor, ctx: Context, op: str) -> torch.Tensor:
     return result.to(tensor.device)
 
 
-@_explained
+@explained
 def broadcast(data: Any, ctx: Context, src: int = 0) -> Any:
     """Every rank gets rank `src`'s tensors; the others' tensors must have the same shapes.
 
@@ -353,7 +279,7 @@ def broadcast(data: Any, ctx: Context, src: int = 0) -> Any:
     if not ctx.is_distributed:
         return data
     _require_group(ctx)
-    _debug_check("broadcast", data, ctx)
+    debug_check("broadcast", _leaves(data), ctx)
     return recursively_apply(lambda t: _broadcast_tensor(t, ctx, src), data)
 
 
@@ -363,7 +289,7 @@ def _broadcast_tensor(tensor: torch.Tensor, ctx: Context, src: int) -> torch.Ten
     return result.to(tensor.device)
 
 
-@_explained
+@explained
 def broadcast_object(obj: Any, ctx: Context, src: int = 0) -> Any:
     """Rank `src`'s picklable `obj`, on every rank.
 
@@ -378,7 +304,7 @@ def broadcast_object(obj: Any, ctx: Context, src: int = 0) -> Any:
     return box[0]
 
 
-@_explained
+@explained
 def pad_across_processes(data: Any, ctx: Context, dim: int = 0, pad_index: Any = 0,
                          pad_first: bool = False, *, ranks: str = "data") -> Any:
     """Pad every tensor along `dim` with `pad_index` to the largest size any rank has.
@@ -399,7 +325,7 @@ def pad_across_processes(data: Any, ctx: Context, dim: int = 0, pad_index: Any =
     ctx = among(ctx, ranks)
     if ctx.is_distributed:
         _require_group(ctx)
-        _debug_check("pad_across_processes", data, ctx, compare_shapes=False)
+        debug_check("pad_across_processes", _leaves(data), ctx, compare_shapes=False)
     leaves = [t for _, t in _leaves(data) if t.dim() > 0]
     for tensor in leaves:
         if not -tensor.dim() <= dim < tensor.dim():

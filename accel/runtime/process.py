@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from accel.context import Context
 from accel.errors import InvalidArgumentError, InvalidArgumentTypeError, StuckRanksError
-from accel.runtime.ops import _per_rank, reduce
+from accel.runtime.diagnosis import per_rank
+from accel.runtime.ops import reduce
 from accel.validation import check_bool, check_context, check_timeout, fail, shown
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -114,7 +115,7 @@ def _arrive(store: Any, ctx: Context, where: str) -> str:
         names = [name.decode() for name in store.multi_get(
             [f"{key}/{rank}" for rank in range(ctx.world_size)])]
         mismatch = "" if len(set(names)) == 1 else (
-            "ranks reached different barriers: " + _per_rank(names, "at "))
+            "ranks reached different barriers: " + per_rank(names, "at "))
         store.set(f"{key}/done", mismatch)
         _forget(store, _previous(key), ["arrived", "done"])
     return key

@@ -15,12 +15,11 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
+from accel.backends._state import sync_from_rank0
 from accel.context import Context
 from accel.errors import (
     IncompatibleOptionsError,
@@ -85,7 +84,7 @@ def tensor_parallel(
     resolved = expand_plan(model, plan)
     check_head_counts(model, ctx.tp_size)
     model.to(ctx.device)
-    _sync_from_rank0(model, ctx)
+    sync_from_rank0(model, ctx)  # every rank cuts its shard from the same tensor
     parallelize_module(model, ctx.mesh["tp"], resolved)
     if loss_parallel:  # a loss computed inside forward (labels=...) sees sharded logits
         model.forward = LossParallelForward(model.forward)
@@ -104,7 +103,7 @@ def _parallelize_gpt2(model: nn.Module, ctx: Context,
             "drop them for GPT-2")
     check_head_counts(model, ctx.tp_size)
     model.to(ctx.device)
-    _sync_from_rank0(model, ctx)
+    sync_from_rank0(model, ctx)  # every rank cuts its shard from the same tensor
     parallelize_gpt2(model, ctx.mesh["tp"])
     return model, ctx.record(f"tensor_parallel(tp={ctx.tp_size})")
 
@@ -191,11 +190,3 @@ def check_head_counts(model: nn.Module, degree: int) -> None:
             raise IncompatibleOptionsError(
                 f"tensor_parallel: {type(model).__name__} has {field}={count}, which the tp "
                 f"degree {degree} does not divide; choose a tp size that divides {count}")
-
-
-def _sync_from_rank0(model: nn.Module, ctx: Context) -> None:
-    """Every rank starts from rank 0's weights: each cuts its shard from the same tensor."""
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.device.type != "meta":
-                dist.broadcast(tensor.detach(), group_src=0, group=ctx.group)
