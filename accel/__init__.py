@@ -43,6 +43,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "accel.transforms.amp": ("with_amp",),
     "accel.transforms.sharding": ("shard_model", "unwrap_model"),
     "accel.transforms.tensor_parallel": ("loss_parallel", "tensor_parallel"),
+    "accel.transforms.context_parallel": ("context_parallel",),
     "accel.transforms.optim": ("AccelOptimizer", "AccelScheduler", "backward",
                                "clip_grad_norm", "clip_grad_value", "wrap_optimizer",
                                "wrap_scheduler"),

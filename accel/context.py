@@ -88,6 +88,9 @@ class Context:
     grad_accum_steps: int = 1
     #: the LM head's logits are sharded over the vocabulary (tensor_parallel(loss_parallel=True)).
     loss_parallel: bool = False
+    #: sequences are split over the `cp` dimension and attention runs as a ring
+    #: (accel.context_parallel): the loader cuts batches, FSDP sums the cp ranks' gradients.
+    context_parallel: bool = False
     seed: int | None = None
     #: check shapes across ranks before each collective, instead of hanging on a mismatch.
     debug: bool = False

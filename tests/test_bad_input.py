@@ -427,6 +427,9 @@ CASES = [
         "sequence_parallel": is_bool, "loss_parallel": is_bool},
         valid_raises=accel.errors.IncompatibleOptionsError),  # no tp dimension in one process
     Case("loss_parallel", lambda: dict(ctx=Context()), {"ctx": CTX}),
+    Case("context_parallel", lambda: dict(model=linear(), ctx=Context()), {
+        "model": MODULE, "ctx": CTX},
+        valid_raises=accel.errors.IncompatibleOptionsError),  # no cp dimension in one process
     Case("wrap_optimizer", lambda: dict(optimizer=torch.optim.SGD(linear().parameters(), lr=0.1),
                                         ctx=Context()), {
         "optimizer": instance(torch.optim.Optimizer), "ctx": CTX,

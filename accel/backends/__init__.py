@@ -44,8 +44,10 @@ SHARDED_CHECKPOINT = "sharded_checkpoint"
 ENGINE_HOLDS_WEIGHTS = "engine_holds_weights"
 #: ranks communicate in backward: a rank with one batch fewer leaves the others waiting.
 COLLECTIVE_BACKWARD = "collective_backward"
+#: reduces gradients over the cp ranks too (accel.context_parallel), summing their parts.
+CONTEXT_PARALLEL = "context_parallel"
 CAPABILITIES = (KEEPS_PARAMETERS, LOCAL_SGD, SHARDED_CHECKPOINT, ENGINE_HOLDS_WEIGHTS,
-                COLLECTIVE_BACKWARD)
+                COLLECTIVE_BACKWARD, CONTEXT_PARALLEL)
 
 
 class Strategy:

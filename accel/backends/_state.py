@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from accel.backends._optimizer import AccelOptimizer
 from accel.errors import InvalidArgumentError
@@ -40,11 +41,12 @@ def get_state_dict(
         (model state, optimizer state or None when `optimizer` is None).
     """
     options = StateDictOptions(full_state_dict=full, cpu_offload=full)
-    model_state = get_model_state_dict(model, options=options)
+    model_state = _without_strided_shards(get_model_state_dict(model, options=options))
     if optimizer is None:
         return model_state, None
-    return model_state, get_optimizer_state_dict(model, _torch_optimizer(optimizer),
-                                                 options=options)
+    optimizer_state = get_optimizer_state_dict(model, _torch_optimizer(optimizer),
+                                               options=options)
+    return model_state, _without_strided_shards(optimizer_state)
 
 
 def set_state_dict(
@@ -68,16 +70,57 @@ def set_state_dict(
     # torch renames and pops keys of the dicts it is given: it gets copies. Model and
     # optimizer load separately: torch's combined call skips the model on a rank whose
     # model dict is empty, and rank 0 then waits forever in the broadcast.
-    set_model_state_dict(model, dict(model_state), options=options)
+    layouts = _strided_layouts(model)
+    set_model_state_dict(model, _restride(dict(model_state), layouts), options=options)
     if optimizer is not None:
         set_optimizer_state_dict(model, _torch_optimizer(optimizer),
-                                 _copy_containers(optimizer_state), options=options)
+                                 _restride(_copy_containers(optimizer_state), layouts),
+                                 options=options)
 
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     # torch reads param_groups and state and calls step(); the wrapper's own extras (loss
     # scale, accumulation micro-step) are not part of the engine's state.
     return optimizer.optimizer if isinstance(optimizer, AccelOptimizer) else optimizer
+
+
+def _without_strided_shards(value: Any) -> Any:
+    """`value` with each strided-shard DTensor laid out as plain shards and replicas.
+
+    A strided shard (GPT-2's fused q|k|v under tensor_parallel) holds several separate
+    column blocks, which torch.distributed.checkpoint cannot describe as one chunk (it
+    refuses the save: "overlapping chunks"); gathered over those dimensions it can.
+    """
+    if isinstance(value, dict):
+        return {key: _without_strided_shards(item) for key, item in value.items()}
+    if isinstance(value, DTensor) and any(isinstance(p, _StridedShard)
+                                          for p in value.placements):
+        plain = [Replicate() if isinstance(p, _StridedShard) else p for p in value.placements]
+        return value.redistribute(value.device_mesh, plain)
+    return value
+
+
+def _strided_layouts(model: nn.Module) -> dict[str, DTensor]:
+    """The model's strided-shard parameters by name: where loaded values go back to."""
+    return {name: param for name, param in model.named_parameters()
+            if isinstance(param, DTensor)
+            and any(isinstance(p, _StridedShard) for p in param.placements)}
+
+
+def _restride(state: dict[str, Any], layouts: dict[str, DTensor]) -> dict[str, Any]:
+    """Undo `_without_strided_shards` for a model's (by name) or optimizer's state dict."""
+    if not layouts:
+        return state
+    for name, param in layouts.items():
+        entries = [(state, name)] if name in state else []
+        per_param = state.get("state", {}).get(name)
+        if isinstance(per_param, dict):
+            entries += [(per_param, key) for key in per_param]
+        for container, key in entries:
+            value = container[key]
+            if isinstance(value, DTensor) and value.shape == param.shape:
+                container[key] = value.redistribute(param.device_mesh, param.placements)
+    return state
 
 
 def _copy_containers(value: Any) -> Any:

@@ -30,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from accel.backends import (
     COLLECTIVE_BACKWARD,
+    CONTEXT_PARALLEL,
     SHARDED_CHECKPOINT,
     BuiltinStrategy,
     collect_engine_cycles_at_exit,
@@ -124,7 +125,7 @@ class FSDP(BuiltinStrategy):
     >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.FSDP(shard_units=Block))
     """
 
-    capabilities = frozenset({COLLECTIVE_BACKWARD, SHARDED_CHECKPOINT})
+    capabilities = frozenset({COLLECTIVE_BACKWARD, SHARDED_CHECKPOINT, CONTEXT_PARALLEL})
     shard_units: (tuple[type[nn.Module], ...] | int | Callable[[nn.Module], bool] | None) = (
         attrs.field(default=None, converter=_to_shard_units, validator=_check_shard_units))
     reshard_after_forward: bool | int | None = attrs.field(default=None,
@@ -194,6 +195,7 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
         # train a model stitched from several, and HSDP replicas would never agree.
         state.sync_from_rank0(unit, ctx)
         fully_shard(unit, **options)
+        _sum_over_cp(unit, ctx)
         _link_sharded_parameters(slots)
     collect_engine_cycles_at_exit()
     _follow_forwards(model)  # from the first forward on, so no_sync's rule always holds
@@ -299,11 +301,31 @@ def _mesh(ctx: Context, strategy: Any) -> DeviceMesh:
 
 
 def _data_parallel_mesh(ctx: Context) -> DeviceMesh:
-    """The data-parallel dimensions of ctx.mesh: 1-D (FSDP) or replicate x shard (HSDP)."""
+    """The data-parallel dimensions of ctx.mesh: 1-D (FSDP) or replicate x shard (HSDP).
+
+    Under context parallelism the cp ranks hold the same parameters and see parts of the
+    same sequences: FSDP shards over dp_shard x cp, flattened (torchtitan's dp_shard_cp).
+    """
     mesh, names = ctx.mesh, ctx.layout.dp_names
+    if ctx.context_parallel:
+        names = _with_cp_sharded(mesh, names)
     if tuple(mesh.mesh_dim_names) == names:
         return mesh
     return mesh[names]
+
+
+def _with_cp_sharded(mesh: DeviceMesh, names: tuple[str, ...]) -> tuple[str, ...]:
+    if "dp_shard" not in names:
+        return (*names, "cp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return tuple("dp_shard_cp" if name == "dp_shard" else name for name in names)
+
+
+def _sum_over_cp(unit: nn.Module, ctx: Context) -> None:
+    """The cp ranks' gradients are parts of one sequence's: summed, and averaged over dp."""
+    if ctx.context_parallel:
+        unit.set_gradient_divide_factor(float(ctx.dp_size))
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
 def _mixed_precision(strategy: Any, ctx: Context) -> MixedPrecisionPolicy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -100,7 +101,8 @@ def distribute_loader(
         batch_size=_per_rank_batch_size(loader, ctx, split_batches),
         dispatch_batches=dispatch_batches, dataset=loader.dataset,
         guard_uneven=has_capability(ctx, COLLECTIVE_BACKWARD),
-        feed=_device_feed(ctx, device_placement, dispatch_batches), **options)
+        feed=_device_feed(ctx, device_placement, dispatch_batches),
+        cut=_sequence_cut(ctx), **options)
     _DISTRIBUTED[loader] = True
     non_defaults = [f"{name}={value}" for name, value, default in (
         ("split_batches", split_batches, False), ("even_batches", even_batches, True),
@@ -119,6 +121,15 @@ def _plan(loader: DataLoader, ctx: Context, dispatch_batches: bool, device_place
     if isinstance(loader.dataset, IterableDataset):
         return IterableShardPlan(loader, ctx.dp_size, ctx.dp_rank, **options)
     return MapShardPlan(loader, ctx.dp_size, ctx.dp_rank, **options)
+
+
+def _sequence_cut(ctx: Context) -> Any:
+    """Under accel.context_parallel: each batch cut to this cp rank's part of the sequences."""
+    if not ctx.context_parallel:
+        return None
+    from accel.data.sequence import cut_sequences
+
+    return functools.partial(cut_sequences, cp_rank=ctx.cp_rank, cp_size=ctx.cp_size)
 
 
 def _device_feed(ctx: Context, device_placement: bool, dispatch_batches: bool) -> Any:

@@ -36,7 +36,7 @@ class DistributedLoader:
     def __init__(self, plan: Any, *, rank: int, world_size: int, device: torch.device | None,
                  non_blocking: bool, seed: int, batch_size: int | None, split_batches: bool,
                  even_batches: bool, dispatch_batches: bool, dataset: Any,
-                 guard_uneven: bool = False, feed: Any = None):
+                 guard_uneven: bool = False, feed: Any = None, cut: Any = None):
         self._plan = plan
         self.rank = rank
         self.world_size = world_size
@@ -65,6 +65,8 @@ class DistributedLoader:
         #: moves the stream of (batch, padding) pairs to `device` itself (XLA's parallel
         #: loader); None: each batch is sent with `send_to_device`.
         self._feed = feed
+        #: cuts each batch to this rank's part of every sequence (accel.context_parallel).
+        self._cut = cut
 
     # ------------------------------------------------------------------ facts
 
@@ -160,7 +162,7 @@ class DistributedLoader:
             self._batch_padding = padding
             if last:
                 self._remainder = padding
-            yield batch
+            yield batch if self._cut is None else self._cut(batch)
         if generation == self._generation:
             self._epoch_done = True  # also for an epoch with no batch at all
             self._roll_over_if_done()

@@ -51,6 +51,11 @@ def wrap_optimizer(
             f"a gradient scaler is for fp16, but the Context's precision is {ctx.precision!r}; "
             "apply with_amp(model, ctx, dtype='fp16') first or drop the scaler"
         )
+    if ctx.context_parallel and not ctx.was_applied("shard_model"):
+        raise TransformOrderError(
+            "under accel.context_parallel each cp rank holds part of every sequence's "
+            "gradient: apply shard_model(model, ctx, strategy=accel.FSDP()) before "
+            "wrap_optimizer, so the parts are summed")
     wrapped = backend_for(ctx).wrap_optimizer(AccelOptimizer(optimizer, scaler), ctx)
     return wrapped, ctx.record(f"wrap_optimizer({type(optimizer).__name__})")
 

@@ -11,9 +11,15 @@ from typing import Any
 import attrs
 from torch import nn
 
-from accel.backends import KEEPS_PARAMETERS, Strategy, engine_of, resolve_strategy
+from accel.backends import (
+    CONTEXT_PARALLEL,
+    KEEPS_PARAMETERS,
+    Strategy,
+    engine_of,
+    resolve_strategy,
+)
 from accel.context import Context
-from accel.errors import TransformOrderError
+from accel.errors import IncompatibleOptionsError, TransformOrderError
 from accel.validation import check_context, check_module
 
 
@@ -54,6 +60,11 @@ def shard_model(
         raise TransformOrderError(
             f"shard_model({config.name}) must come before wrap_optimizer (the engine may "
             "replace the parameters the optimizer holds); reorder the transforms"
+        )
+    if ctx.context_parallel and CONTEXT_PARALLEL not in config.capabilities:
+        raise IncompatibleOptionsError(
+            f"shard_model({config.name}) does not reduce gradients over the cp ranks of "
+            "accel.context_parallel; use strategy=accel.FSDP(), which shards over dp_shard x cp"
         )
     wrapped = config.wrap_model(model, ctx)
     return wrapped, ctx.record(f"shard_model({_describe(config)})",
