@@ -30,6 +30,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "accel.runtime.memory": ("clear_device_cache", "find_executable_batch_size",
                              "is_out_of_memory", "release_memory"),
     "accel.runtime.profiling": ("profile_steps",),
+    "accel.runtime.notebook": ("notebook_launch",),
     # engines
     "accel.backends": ("Strategy",),
     "accel.backends.single": ("Single",),
@@ -41,8 +42,11 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "accel.backends.custom": ("Custom",),
     # transforms
     "accel.transforms.amp": ("with_amp",),
+    "accel.transforms.compile": ("compile_model",),
+    "accel.transforms.activation_checkpointing": ("checkpoint_activations",),
     "accel.transforms.sharding": ("shard_model", "unwrap_model"),
     "accel.transforms.tensor_parallel": ("loss_parallel", "tensor_parallel"),
+    "accel.transforms.pipeline": ("Pipeline", "pipeline_parallel"),
     "accel.transforms.context_parallel": ("context_parallel",),
     "accel.transforms.optim": ("AccelOptimizer", "AccelScheduler", "backward",
                                "clip_grad_norm", "clip_grad_value", "wrap_optimizer",
@@ -57,6 +61,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     # services
     "accel.checkpoint": ("CheckpointFolder", "CheckpointInfo", "load_model", "load_state",
                          "save_model", "save_state"),
+    "accel.checkpoint.pretrained": ("load_pretrained",),
     "accel.inference": ("check_device_map", "compute_module_sizes", "dispatch_model",
                         "dispatch_stats", "estimate_memory", "explain_device_map",
                         "infer_device_map", "init_empty_weights", "init_on_device",
@@ -106,6 +111,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the table above is what ru
         save_model,
         save_state,
     )
+    from accel.checkpoint.pretrained import load_pretrained
     from accel.context import Context, from_process_group, init, shutdown
     from accel.data import (
         DistributedLoader,
@@ -113,8 +119,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the table above is what ru
         gather_for_metrics,
         skip_first_batches,
     )
+    from accel.runtime.notebook import notebook_launch
     from accel.transforms.accumulation import accumulate_grads, no_sync
+    from accel.transforms.activation_checkpointing import checkpoint_activations
     from accel.transforms.amp import with_amp
+    from accel.transforms.compile import compile_model
     from accel.transforms.compose import compose
     from accel.transforms.optim import (
         AccelOptimizer,
@@ -125,6 +134,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the table above is what ru
         wrap_optimizer,
         wrap_scheduler,
     )
+    from accel.transforms.pipeline import Pipeline, pipeline_parallel
     from accel.transforms.sharding import shard_model, unwrap_model
     from accel.transforms.tensor_parallel import loss_parallel, tensor_parallel
     from accel.world import World, detect_world

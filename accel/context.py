@@ -22,6 +22,7 @@ from accel.errors import (
     LaunchEnvironmentError,
     StuckRanksError,
 )
+from accel.launch_settings import LaunchSettings, read_settings
 from accel.mesh import DATA_PARALLEL, MeshLayout
 from accel.process_group import (
     _adopt_mesh,
@@ -51,7 +52,6 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 #: rank does alone just before (a log line, a small file): seconds. Thirty seconds ends a
 #: run whose ranks diverged (one ran out of batches) in half a minute, not 30 minutes.
 DEFAULT_BARRIER_TIMEOUT = datetime.timedelta(seconds=30)
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _to_device(value: str | torch.device) -> torch.device:
@@ -84,6 +84,7 @@ class Context:
     backend: str = "single"
     #: the strategy config `shard_model` applied (accel.DDP(), accel.FSDP(), ...).
     strategy: Any = None
+    #: the precision: the launch's (`ctx.settings.mixed_precision`) from init, then with_amp's.
     precision: str = "no"
     grad_accum_steps: int = 1
     #: the LM head's logits are sharded over the vocabulary (tensor_parallel(loss_parallel=True)).
@@ -109,6 +110,9 @@ class Context:
     device_mesh: Any = attrs.field(default=None, eq=False)
     #: the process group over the data-parallel dimensions; None: `group` serves.
     data_group: Any = attrs.field(default=None, eq=False)
+    #: the training settings of the launch (flag > ACCEL_* variable > config file >
+    #: default), each with its source: the defaults of with_amp, shard_model, accumulate_grads.
+    settings: LaunchSettings = attrs.field(factory=LaunchSettings)
 
     @layout.default
     def _one_data_parallel_dimension(self) -> MeshLayout:
@@ -255,7 +259,8 @@ class Context:
         if self.debug:
             parts.append("debug")
         trail = " -> ".join(self.applied) or "nothing"
-        return f"Context({', '.join(parts)}; applied: {trail})"
+        return (f"Context({', '.join(parts)}; settings: {self.settings.describe()}; "
+                f"applied: {trail})")
 
 
 def init(
@@ -295,6 +300,7 @@ def init(
     """
     _check_init_arguments(device, dist_backend, timeout, seed, debug, env)
     env = os.environ if env is None else env
+    settings = read_settings(env)  # before anything starts: a bad value leaves nothing behind
     world = detect_world(env)
     layout = MeshLayout.of(mesh, world.world_size)
     resolved = resolve_device(device, world.local_rank, env)
@@ -308,8 +314,10 @@ def init(
         timeout=timeout,
         barrier_timeout=_barrier_timeout(barrier_timeout, env),
         seed=seed,
-        debug=debug if debug is not None else env.get("ACCEL_DEBUG", "").lower() in _TRUE,
+        debug=debug if debug is not None else settings.debug,
         layout=layout,
+        precision=settings.mixed_precision,
+        settings=settings,
     )
     if world.world_size > 1:
         ctx = _join_process_group(ctx, dist_backend or default_dist_backend(resolved), env)
@@ -382,6 +390,9 @@ def shutdown(ctx: Context) -> None:
     >>> accel.shutdown(ctx)
     """
     check_context("shutdown", ctx)
+    from accel.runtime.pending import wait_all
+
+    wait_all()  # a checkpoint still saving in the background commits first (or raises)
     if not (ctx.owns_process_group and dist.is_initialized()):
         return
     from accel.runtime.process import bounded_barrier
@@ -409,9 +420,10 @@ def from_process_group(
 
     Reads rank and world size from `group` (default: torch's default group); accel never
     destroys that group. Local rank and node come from the launch variables when they
-    describe the same world, else every rank is taken to be on one node. `mesh`: a torch
-    DeviceMesh your framework built over the same ranks, with dimension names from
-    "pp", "dp_replicate", "dp_shard", "cp", "tp" in that order; accel uses it as it is.
+    describe the same world (torchrun's, or Ray Train's with its NODE_RANK), else every
+    rank is taken to be on one node. `mesh`: a torch DeviceMesh your framework built over
+    the same ranks, with dimension names from "pp", "dp_replicate", "dp_shard", "cp",
+    "tp" in that order; accel uses it as it is.
 
     >>> dist.init_process_group("gloo")            # done by your framework
     >>> ctx = accel.Context.from_process_group()
@@ -426,14 +438,26 @@ def from_process_group(
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     launched = detect_world(env)
     if (launched.rank, launched.world_size) == (rank, size):
-        world = launched
+        world = _node_from_node_rank(launched, env)
     else:
         world = World(rank=rank, world_size=size, local_rank=rank, local_world_size=size,
                       launcher="external")
+    settings = read_settings(env)
     ctx = Context(world=world, device=resolve_device(device, world.local_rank, env),
-                  dist_backend=dist.get_backend(group), group=group)
+                  dist_backend=dist.get_backend(group), group=group,
+                  precision=settings.mixed_precision, settings=settings)
     verify_connected(ctx)
     return ctx if mesh is None else _adopt_mesh(ctx, mesh)
+
+
+def _node_from_node_rank(world: World, env: Mapping[str, str]) -> World:
+    """Ray Train (like Lightning) names the node NODE_RANK beside torchrun's RANK and
+    LOCAL_*, where torchrun says GROUP_RANK: without it every Ray node would be node 0."""
+    node = env.get("NODE_RANK", "")
+    if world.launcher != "torchrun" or env.get("GROUP_RANK") or not node.isdigit():
+        return world
+    return attrs.evolve(world, node_rank=int(node),
+                        num_nodes=max(world.num_nodes, int(node) + 1))
 
 
 def _check_adopted(group: Any, device: Any, env: Any, mesh: Any) -> None:

@@ -10,11 +10,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import pickle
-import queue as queue_module
-import socket
-import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,23 +17,16 @@ import torch
 import torch.distributed as dist
 
 from accel.context import Context, init, shutdown
-from accel.errors import AccelError, RankFailedError, WorldTimeoutError
-from accel.world import World
-
-#: Variables of an enclosing launch, which must not leak into ranks that run_world starts.
-LAUNCH_VARIABLES = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID",
-    "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "ACCEL_LAUNCH_DIR",
-    "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID",
+from accel.errors import AccelError
+from accel.runtime.local_world import (  # noqa: F401 - LAUNCH_VARIABLES, free_port: public here
+    LAUNCH_VARIABLES,
+    become_rank,
+    collect,
+    free_port,
+    report_outcome,
+    stop,
 )
-
-
-def free_port() -> int:
-    """A TCP port on localhost that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from accel.world import World
 
 
 def run_world(
@@ -63,11 +51,12 @@ def run_world(
     """
     mp = multiprocessing.get_context("spawn")
     results: Any = mp.Queue()
-    port = free_port()
+    port, finished = free_port(), mp.Semaphore(0)
     procs = [
         mp.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, args, dict(env or {}), init_kwargs, results),
+            args=(fn, rank, world_size, port, args, dict(env or {}), init_kwargs, results,
+                  finished),
             daemon=False,  # a daemon rank could not start DataLoader workers
         )
         for rank in range(world_size)
@@ -75,66 +64,25 @@ def run_world(
     for proc in procs:
         proc.start()
     try:
-        return _collect(procs, results, timeout)
+        return collect(procs, results, timeout)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=10)
-        results.close()
+        stop(procs, results)
 
 
-def _collect(procs: list[Any], results: Any, timeout: float) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    outcome: dict[int, Any] = {}
-    while len(outcome) < len(procs):
-        try:
-            status, rank, payload = results.get(timeout=0.2)
-        except queue_module.Empty:
-            _check_alive(procs, outcome, deadline, timeout)
-            continue
-        if status == "error":
-            raise RankFailedError(f"rank {rank} of {len(procs)} failed:\n{payload}")
-        outcome[rank] = pickle.loads(payload)
-    return [outcome[rank] for rank in range(len(procs))]
-
-
-def _check_alive(procs: list[Any], outcome: dict[int, Any], deadline: float, timeout: float):
-    for rank, proc in enumerate(procs):
-        if rank not in outcome and proc.exitcode not in (None, 0):
-            raise RankFailedError(
-                f"rank {rank} of {len(procs)} died with exit code {proc.exitcode} "
-                "before returning (killed, or crashed in native code)"
-            )
-    if time.monotonic() > deadline:
-        pending = [rank for rank in range(len(procs)) if rank not in outcome]
-        raise WorldTimeoutError(
-            f"ranks {pending} of {len(procs)} did not finish within {timeout:.0f} s "
-            "(a collective that not every rank entered hangs); the world was killed"
-        )
-
-
-def _rank_main(fn, rank, world_size, port, args, env, init_kwargs, results) -> None:
-    for name in LAUNCH_VARIABLES:
-        os.environ.pop(name, None)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-    )
+def _rank_main(fn, rank, world_size, port, args, env, init_kwargs, results, finished) -> None:
+    become_rank(rank, world_size, port, threads=1)
     os.environ.update(env)
     torch.set_num_threads(1)  # two cores shared by every rank: oversubscription is slower
+    report_outcome(results, rank, world_size, lambda: _in_world(fn, args, init_kwargs),
+                   finished)
+
+
+def _in_world(fn: Callable[..., Any], args: tuple, init_kwargs: dict[str, Any]) -> Any:
+    ctx = init(**init_kwargs)
     try:
-        ctx = init(**init_kwargs)
-        try:
-            result = fn(ctx, *args)
-        finally:
-            shutdown(ctx)
-        # Plain pickle bytes: torch's queue pickler would share tensor memory through file
-        # descriptors that die with this process before the parent reads them.
-        results.put(("ok", rank, pickle.dumps(result)))
-    except BaseException:  # noqa: B036 - any failure must reach the parent, not hang it
-        results.put(("error", rank, traceback.format_exc()))
+        return fn(ctx, *args)
+    finally:
+        shutdown(ctx)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """Who am I in the world: a pure function from launch environment variables to a `World`.
 
-Every launcher accel knows (torchrun / `accel launch`, the DeepSpeed launcher, SLURM,
-Open MPI, MPICH / Intel MPI, a plain process) is recognised from a mapping alone, so each
-is unit-tested without starting a process.
+Every launcher accel knows (torchrun / `accel launch`, the DeepSpeed launcher, a Kubeflow
+PyTorchJob pod, SLURM, Open MPI, MPICH / Intel MPI, a plain process) is recognised from a
+mapping alone, so each is unit-tested without starting a process. What a scheduler tells
+`accel launch` (torchrun's `PET_*` variables, a SLURM allocation) is read the same way, in
+`accel.transforms.schedulers`.
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ def _master(env: Mapping[str, str], default_addr: str, default_port: int) -> tup
 
 
 def _from_torchrun(env: Mapping[str, str]) -> World:
+    deepspeed = "CROSS_RANK" in env  # the DeepSpeed launcher's own addition to torchrun's set
+    if not deepspeed and not env.get("LOCAL_RANK") and not env.get("LOCAL_WORLD_SIZE"):
+        return _one_process_per_node(env)
     world_size = _int(env, "WORLD_SIZE")
     local_world_size = _int(env, "LOCAL_WORLD_SIZE", default=world_size)
-    deepspeed = "CROSS_RANK" in env  # the DeepSpeed launcher's own addition to torchrun's set
     addr, port = _master(env, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT)
     return World(
         rank=_int(env, "RANK"),
@@ -91,6 +95,17 @@ def _from_torchrun(env: Mapping[str, str]) -> World:
         master_port=port,
         launcher="deepspeed" if deepspeed else "torchrun",
     )
+
+
+def _one_process_per_node(env: Mapping[str, str]) -> World:
+    """RANK and WORLD_SIZE without LOCAL_*: a scheduler started each rank on a machine (or
+    pod) of its own, as a Kubeflow PyTorchJob does for `python train.py` in every pod."""
+    world_size = _int(env, "WORLD_SIZE")
+    rank = _int(env, "RANK")
+    addr, port = _master(env, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT)
+    return World(rank=rank, world_size=world_size, local_rank=0, local_world_size=1,
+                 node_rank=rank, num_nodes=world_size, master_addr=addr, master_port=port,
+                 launcher="torchrun")
 
 
 def _from_open_mpi(env: Mapping[str, str]) -> World:
@@ -143,27 +158,67 @@ def _mpi_master(env: Mapping[str, str], num_nodes: int) -> tuple[str, int]:
 
 
 def _from_slurm(env: Mapping[str, str]) -> World:
-    world_size = _int(env, "SLURM_NTASKS", "SLURM_NPROCS")
-    num_nodes = _int(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES", default=1)
-    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
-    match = re.match(r"\d+", per_node)
-    local_world_size = int(match.group()) if match else max(1, world_size // num_nodes)
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
-    job_id = _int(env, "SLURM_JOB_ID", default=0)
-    # Every task derives the same port from the job id, so two jobs on one node do not clash.
-    addr, port = _master(env, first_host(nodelist) or DEFAULT_MASTER_ADDR,
-                         20000 + job_id % 10000 if job_id else DEFAULT_MASTER_PORT)
+    # srun overrides the job's counts with its step's; the STEP_ names are the step's alone.
+    world_size = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+    num_nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES",
+                     default=1)
+    node_rank = _int(env, "SLURM_NODEID", default=0)
+    per_node = slurm_tasks_per_node(env)
+    local_world_size = (per_node[node_rank] if node_rank < len(per_node)
+                        else max(1, world_size // num_nodes))
+    addr, port = _master(env, slurm_master_host(env) or DEFAULT_MASTER_ADDR,
+                         slurm_master_port(env))
     return World(
         rank=_int(env, "SLURM_PROCID"),
         world_size=world_size,
         local_rank=_int(env, "SLURM_LOCALID", default=0),
         local_world_size=local_world_size,
-        node_rank=_int(env, "SLURM_NODEID", default=0),
+        node_rank=node_rank,
         num_nodes=num_nodes,
         master_addr=addr,
         master_port=port,
         launcher="slurm",
     )
+
+
+def slurm_tasks_per_node(env: Mapping[str, str]) -> list[int]:
+    """Tasks on each node of the step (or job): SLURM's '2(x3),1' -> [2, 2, 2, 1]; [] if unset.
+
+    >>> slurm_tasks_per_node({"SLURM_TASKS_PER_NODE": "2(x2),1"})
+    [2, 2, 1]
+    """
+    spec = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+            or env.get("SLURM_NTASKS_PER_NODE") or "")
+    counts: list[int] = []
+    for item in filter(None, spec.split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not match:
+            raise LaunchEnvironmentError(
+                f"SLURM tasks per node {spec!r} is not in SLURM's N(xM),... form; fix the "
+                "launch environment")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def slurm_master_host(env: Mapping[str, str]) -> str:
+    """The first host of the step's (else the job's) node list: every task agrees on it.
+
+    >>> slurm_master_host({"SLURM_JOB_NODELIST": "gpu[03-05]"})
+    'gpu03'
+    """
+    return first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST")
+                      or env.get("SLURM_JOB_NODELIST") or "")
+
+
+def slurm_master_port(env: Mapping[str, str]) -> int:
+    """A port every task of a job derives alike from the job id (20000-29999), so two jobs
+    sharing a node do not clash; torch's default 29500 outside a job.
+
+    >>> slurm_master_port({"SLURM_JOB_ID": "123456"})
+    23456
+    """
+    job_id = _int(env, "SLURM_JOB_ID", "SLURM_JOBID", default=0)
+    return 20000 + job_id % 10000 if job_id else DEFAULT_MASTER_PORT
 
 
 def first_host(nodelist: str) -> str:
@@ -189,7 +244,9 @@ _LAUNCHERS: tuple[tuple[str, Callable[[Mapping[str, str]], World]], ...] = (
 def detect_world(env: Mapping[str, str]) -> World:
     """Read the world from launch variables: torchrun, DeepSpeed, Open MPI, MPICH, SLURM.
 
-    A mapping with none of them is a plain single process.
+    A mapping with none of them is a plain single process. RANK and WORLD_SIZE without
+    LOCAL_RANK / LOCAL_WORLD_SIZE (a Kubeflow PyTorchJob pod running `python train.py`) is
+    one process per node: local rank 0, node rank = RANK.
 
     >>> detect_world({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).rank
     1

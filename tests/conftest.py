@@ -17,9 +17,37 @@ for _setting in SETTINGS:
 for _name in ("ACCEL_BARRIER_TIMEOUT", "ACCEL_DEBUG", "ACCEL_DEVICE"):  # read by accel.init
     os.environ.pop(_name, None)
 os.environ[CONFIG_FILE_VARIABLE] = os.devnull
+# Nor the scheduler's: a suite started inside a SLURM allocation, a PyTorchJob pod or an
+# MPI job would otherwise detect that world instead of the ones the tests start.
+for _name in list(os.environ):
+    if _name.startswith(("PET_", "SLURM_", "OMPI_COMM_WORLD_", "PMI_")):
+        os.environ.pop(_name)
 
-# pytest names the running test; torch sets its compiler cache folder once, on first use.
-_SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+#: The heavy lane (`python3 tools/dev.py test -m heavy`, run by .ci/run after the main
+#: suite): end-to-end runs of a minute or so each, kept out of the main suite so that it
+#: stays under 20 minutes on 2 cores. Listed here, in one place, by test id prefix.
+HEAVY = (
+    "tests/test_checkpoint_engines.py::test_every_engine_loads_every_engines_checkpoint",
+    "tests/test_ray_train.py::test_ray_train_worker_killed",
+    "tests/test_elastic.py::test_a_lost_node_is_survived",
+    "tests/test_tutorials.py::test_08_tensor_parallel_x_fsdp",
+    "tests/test_tensor_parallel.py::test_tp2_x_hsdp_2x2_on_eight_ranks",
+    "tests/test_load_pretrained_tutorial.py::test_tutorial_09",
+    "tests/test_pipeline_tutorial.py::test_10_pipeline",
+    "tests/test_load_pretrained_memory.py::test_peak_memory",
+    "tests/test_compile.py::test_inductor_compiles_a_block_class_once",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(HEAVY):
+            item.add_marker(pytest.mark.heavy)
+
+# pytest names the running test; torch sets its compiler cache folder once, on first use,
+# and inductor's C++ wrapper a variable of its own at its first compile.
+_SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR",
+                 "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
 
 
 @pytest.fixture(autouse=True)

@@ -54,3 +54,44 @@ def full_parameters(model) -> dict:
 
     return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
             for name, p in model.named_parameters()}
+
+
+def tiny_llama(layers: int = 2, hidden: int = 32, **config):
+    """A transformers Llama from a config, seeded, without a KV cache (training):
+    `config` overrides LlamaConfig fields (intermediate_size is 2 x hidden by default)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    options = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                   max_position_embeddings=256, use_cache=False)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**options, **config}))
+
+
+def train_tokens(model, ctx, *, strategy, steps: int, per_rank: int, accumulation: int,
+                 seq: int = 12, lr: float = 1e-3) -> dict:
+    """`steps` AdamW steps of a causal LM on seeded tokens through shard_model,
+    wrap_optimizer, distribute_loader and accumulate_grads, as a user writes them: the
+    whole parameters after them. A step takes per_rank x accumulation samples on each
+    data-parallel rank: one process with per_rank = N x b x k and accumulation 1 sees
+    the samples N ranks with b and k see."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import accel
+
+    model, ctx = accel.shard_model(model, ctx, strategy=strategy)
+    optimizer, ctx = accel.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=lr), ctx)
+    count = steps * accumulation * per_rank * ctx.dp_size
+    data = TensorDataset(torch.randint(0, 96, (count, seq),
+                                       generator=torch.Generator().manual_seed(3)))
+    loader, ctx = accel.distribute_loader(DataLoader(data, batch_size=per_rank), ctx)
+    model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx, steps=accumulation,
+                                                   loader=loader)
+    for (ids,) in loader:
+        accel.backward(model(input_ids=ids, labels=ids).loss, optimizer, ctx)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.real_steps == steps
+    return full_parameters(accel.unwrap_model(model, ctx))

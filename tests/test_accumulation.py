@@ -63,8 +63,9 @@ def accumulation_cycle(ctx: accel.Context, sync_each_batch: bool = False) -> lis
     model, optimizer, ctx = prepare(ctx, sync_each_batch=sync_each_batch)
     records = []
     for index in range(2 * K):
-        record = {"sync_gradients": optimizer.sync_gradients}
+        record = {}
         accel.backward(loss_on(model, ctx.rank, index), optimizer, ctx)
+        record["sync_gradients"] = optimizer.sync_gradients  # decided at the forward
         record["grads"] = grads_of(model)
         record["step_result"] = optimizer.step()
         record["skipped"] = optimizer.step_was_skipped
@@ -115,8 +116,8 @@ def train_on_loader(model, optimizer, loader, ctx) -> list[dict]:
     for _ in range(2):
         sync, last_grads = [], None
         for x, y in loader:
-            sync.append(optimizer.sync_gradients)
             accel.backward(nn.functional.mse_loss(model(x), y), optimizer, ctx)
+            sync.append(optimizer.sync_gradients)
             last_grads = grads_of(model)
             optimizer.step()
             optimizer.zero_grad()
@@ -276,8 +277,8 @@ def test_one_process_counts_micro_steps_and_records():
     assert repr(optimizer) == "AccelOptimizer(SGD, accumulation 3)"
     seen = []
     for index in range(6):
-        seen.append(optimizer.sync_gradients)
         accel.backward(loss_on(model, 0, index), optimizer, ctx)
+        seen.append(optimizer.sync_gradients)
         optimizer.step()
         optimizer.zero_grad()
     assert seen == [False, False, True] * 2 and optimizer.real_steps == 2

@@ -259,6 +259,19 @@ def wrapped(model: nn.Module | None = None) -> AccelOptimizer:
     return accel.wrap_optimizer(torch.optim.SGD(params, lr=0.1), Context())[0]
 
 
+def blocks() -> nn.Module:
+    """A model with repeated blocks (an nn.ModuleList of two Linears)."""
+    return nn.Sequential(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]))
+
+
+def is_block_spec(value: Any) -> bool:
+    """compile_model's and checkpoint_activations' blocks: module classes or a function."""
+    classes = value if isinstance(value, tuple) else (value,)
+    if classes and all(isinstance(cls, type) and issubclass(cls, nn.Module) for cls in classes):
+        return True
+    return callable(value) and not isinstance(value, (type, nn.Module))
+
+
 def prepared() -> dict[str, Any]:
     """A model and its wrapped optimizer, as accumulate_grads takes them."""
     model = linear()
@@ -383,6 +396,9 @@ CASES = [
     Case("clear_device_cache", dict, {"garbage_collection": is_bool}),
     Case("is_out_of_memory", lambda: dict(error=RuntimeError("x")), {
         "error": instance(BaseException)}),
+    Case("notebook_launch", lambda: dict(fn=int, num_processes=1), {
+        "fn": callable, "args": instance(list, tuple), "num_processes": optional(int_in(1)),
+        "timeout": optional(is_timeout)}),
     Case("profile_steps", lambda: dict(ctx=Context(), out_dir=WORK / "traces"), {
         "ctx": CTX, "out_dir": PATH, "wait": int_in(0), "warmup": int_in(0),
         "active": int_in(1), "repeat": int_in(0),
@@ -402,7 +418,7 @@ CASES = [
         "mixed_precision": optional(instance(MixedPrecisionPolicy)),
         "cpu_offload": instance(bool, OffloadPolicy), "activation_checkpointing": is_bool,
         "replicate_degree": optional(int_in(1)), "mesh": optional(instance(DeviceMesh)),
-        "init_fn": optional(callable)}),
+        "init_fn": optional(callable), "keep_meta": is_bool}),
     Case("DeepSpeed", dict, {
         "stage": optional(int_in(1, 3)), "offload_optimizer": optional(is_bool),
         "offload_params": optional(is_bool),
@@ -415,8 +431,16 @@ CASES = [
         "parallelize_fn": callable}),
     # transforms
     Case("with_amp", lambda: dict(model=linear(), ctx=Context(), dtype="bf16"), {
-        "model": MODULE, "ctx": CTX, "dtype": one_of("no", "bf16", "fp16", "fp8"),
-        "fp32_outputs": is_bool}),
+        "model": MODULE, "ctx": CTX, "dtype": optional(one_of("no", "bf16", "fp16", "fp8")),
+        "fp32_outputs": is_bool, "params": one_of("fp32", "bf16"),
+        # fp8's options under dtype="bf16", master weights of fp32 parameters: refused
+        "recipe": lambda v: v is None, "module_filter": lambda v: v is None,
+        "master_weights": lambda v: v is False}),
+    Case("compile_model", lambda: dict(model=blocks(), ctx=Context()), {
+        "model": MODULE, "ctx": CTX, "regional": is_bool, "blocks": optional(is_block_spec)}),
+    Case("checkpoint_activations", lambda: dict(model=blocks(), ctx=Context()), {
+        "model": MODULE, "ctx": CTX, "offload": is_bool, "blocks": optional(is_block_spec),
+        "policy": lambda v: v in ("full", "selective") or (is_int(v) and v >= 1)}),
     Case("shard_model", lambda: dict(model=linear(), ctx=Context()), {
         "model": MODULE, "ctx": CTX, "strategy": optional(is_strategy)}),
     Case("unwrap_model", lambda: dict(model=linear(), ctx=Context()), {
@@ -430,6 +454,13 @@ CASES = [
     Case("context_parallel", lambda: dict(model=linear(), ctx=Context()), {
         "model": MODULE, "ctx": CTX},
         valid_raises=accel.errors.IncompatibleOptionsError),  # no cp dimension in one process
+    Case("pipeline_parallel", lambda: dict(model=blocks(), ctx=Context(), microbatches=2,
+                                           loss_fn=nn.functional.mse_loss), {
+        "model": MODULE, "ctx": CTX,
+        "split_points": lambda v: v == "auto" or list_of(lambda p: isinstance(p, str))(v),
+        "schedule": one_of("gpipe", "1f1b", "interleaved1f1b"), "microbatches": int_in(1),
+        "loss_fn": callable, "stages_per_rank": int_in(1)},
+        valid_raises=accel.errors.IncompatibleOptionsError),  # no pp dimension in one process
     Case("wrap_optimizer", lambda: dict(optimizer=torch.optim.SGD(linear().parameters(), lr=0.1),
                                         ctx=Context()), {
         "optimizer": instance(torch.optim.Optimizer), "ctx": CTX,
@@ -451,7 +482,7 @@ CASES = [
         "model": MODULE, "ctx": CTX, "sync_every": int_in(1)}),
     Case("accumulate_grads", lambda: dict(prepared(), steps=2), {
         "model": MODULE, "optimizer": instance(AccelOptimizer), "ctx": CTX,
-        "steps": int_in(1), "loader": optional(instance(DistributedLoader)),
+        "steps": optional(int_in(1)), "loader": optional(instance(DistributedLoader)),
         "sync_each_batch": is_bool}),
     Case("no_sync", lambda: dict(model=linear(), ctx=Context()), {"model": MODULE, "ctx": CTX}),
     Case("join_uneven_inputs", lambda: dict(model=linear(), ctx=Context()), {
@@ -484,6 +515,9 @@ CASES = [
     Case("load_model", lambda: dict(model=linear(), path=WORK / "model.safetensors",
                                     ctx=Context()), {
         "model": MODULE, "path": PATH, "ctx": CTX, "strict": is_bool}),
+    Case("load_pretrained", lambda: dict(model=linear(), ctx=Context(),
+                                         path=WORK / "model.safetensors"), {
+        "model": MODULE, "ctx": CTX, "path": PATH, "dtype": optional(is_float_dtype)}),
     # data
     Case("distribute_loader", lambda: dict(loader=loader(), ctx=Context()), {
         "loader": instance(DataLoader), "ctx": CTX, "split_batches": is_bool,
@@ -545,6 +579,7 @@ EXEMPT = {
     "release_memory",  # takes any objects, by design
     "errors",  # a module
     "CheckpointInfo",  # the record load_state returns
+    "Pipeline",  # the handle pipeline_parallel returns
 }
 
 BY_NAME = {case.name: case for case in CASES}

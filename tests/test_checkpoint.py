@@ -316,7 +316,7 @@ def test_damaged_file_is_named_and_nothing_is_loaded(tmp_path, damage, name):
         target.unlink()
     _, model2, optimizer2, _ = make_run(seed=9)
     before = params(model2)
-    expected = {"truncate": "truncated", "flip": "CRC32", "delete": "missing"}[damage]
+    expected = {"truncate": "truncated", "flip": "checksum", "delete": "missing"}[damage]
     with pytest.raises(CorruptCheckpointError, match=f"{target}.*{expected}"):
         load_state(path, ctx, model=model2, optimizer=optimizer2)
     if damage == "truncate":  # unchecked, a cut file still fails to parse, naming itself

@@ -88,8 +88,8 @@ def test_loader_link_reaches_accumulate_grads():
     assert objs["optimizer"].accumulation.loader is objs["loader"]
     sync = []
     for x, y in objs["loader"]:  # 6 batches, steps=4: the last one ends the second cycle
-        sync.append(objs["optimizer"].sync_gradients)
         accel.backward(nn.functional.mse_loss(model(x), y), objs["optimizer"], ctx)
+        sync.append(objs["optimizer"].sync_gradients)
         objs["optimizer"].step()
     assert sync == [False, False, False, True, False, True]
     assert ctx.applied[1].startswith("distribute_loader")

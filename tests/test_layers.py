@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / "accel"
 #: layer of each package or top-level module; a module may import its layer and below.
 LAYERS = {
     "errors": 1, "world": 1, "mesh": 1, "context": 1, "process_group": 1, "runtime": 1,
-    "validation": 1,
+    "validation": 1, "launch_settings": 1,
     "backends": 2,
     "transforms": 3, "data": 3,
     "checkpoint": 4, "inference": 4, "tracking": 4,
@@ -90,8 +90,9 @@ def loaded_after(statement: str) -> list[str]:
 
 def test_import_accel_context_loads_the_core_only():
     loaded = loaded_after("import accel.context")
-    assert set(loaded) <= {"accel", "accel.context", "accel.errors", "accel.mesh",
-                           "accel.process_group", "accel.validation", "accel.world"}, loaded
+    assert set(loaded) <= {"accel", "accel.context", "accel.errors", "accel.launch_settings",
+                           "accel.mesh", "accel.process_group", "accel.validation",
+                           "accel.world"}, loaded
 
 
 def test_import_accel_loads_no_engine_dtensor_dcp_inference_or_tracking():

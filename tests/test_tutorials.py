@@ -16,17 +16,19 @@ def numbers_after(word: str, text: str) -> list[float]:
 
 
 def test_02_custom_loop_on_two_processes_learns():
-    result = accel_cli("launch", "-n", "2", "tutorials/02_custom_training_loop.py")
+    result = accel_cli("launch", "-n", "2", "--mixed-precision", "bf16",
+                       "--grad-accum-steps", "2", "tutorials/02_custom_training_loop.py")
     assert result.returncode == 0, result.stderr
     accuracy = numbers_after("accuracy", result.stdout)
     assert len(accuracy) == 4 and accuracy[-1] > 0.8, result.stdout
     assert "(250 samples)" in result.stdout  # every evaluation sample exactly once
     assert "backend=ddp" in result.stdout and "precision=bf16" in result.stdout
+    assert "accumulate_grads(steps=2)" in result.stdout
 
 
 def test_02_same_loop_on_fsdp_changes_only_the_strategy():
-    result = accel_cli("launch", "-n", "2", "tutorials/02_custom_training_loop.py",
-                       "--strategy", "fsdp")
+    result = accel_cli("launch", "-n", "2", "--strategy", "fsdp", "--mixed-precision", "bf16",
+                       "--grad-accum-steps", "2", "tutorials/02_custom_training_loop.py")
     assert result.returncode == 0, result.stderr
     assert "shard_model(fsdp)" in result.stdout and "precision=bf16" in result.stdout
     accuracy = numbers_after("accuracy", result.stdout)
@@ -37,8 +39,9 @@ def test_02_same_loop_on_fsdp_changes_only_the_strategy():
 def test_02_same_loop_on_deepspeed_changes_only_the_strategy():
     if importlib.util.find_spec("deepspeed") is None:  # importing it sets variables
         pytest.skip("deepspeed is not installed (pip install 'accel[deepspeed]')")
-    result = accel_cli("launch", "-n", "2", "tutorials/02_custom_training_loop.py",
-                       "--strategy", "deepspeed", "--epochs", "2")
+    result = accel_cli("launch", "-n", "2", "--strategy", "deepspeed", "--mixed-precision",
+                       "bf16", "--grad-accum-steps", "2", "tutorials/02_custom_training_loop.py",
+                       "--epochs", "2")
     assert result.returncode == 0, result.stderr
     assert "shard_model(deepspeed)" in result.stdout and "precision=bf16" in result.stdout
     accuracy = numbers_after("accuracy", result.stdout)
@@ -47,15 +50,16 @@ def test_02_same_loop_on_deepspeed_changes_only_the_strategy():
 
 
 def test_02_same_loop_one_process_fp16_accumulation():
-    result = accel_cli("launch", "-n", "1", "tutorials/02_custom_training_loop.py",
-                       "--precision", "fp16", "--accumulate", "4", "--epochs", "2")
+    result = accel_cli("launch", "-n", "1", "--mixed-precision", "fp16", "--grad-accum-steps",
+                       "4", "tutorials/02_custom_training_loop.py", "--epochs", "2")
     assert result.returncode == 0, result.stderr
     assert "backend=single" in result.stdout and "grad_accum_steps=4" in result.stdout
     assert numbers_after("accuracy", result.stdout)[-1] > 0.7, result.stdout
 
 
 def test_03_compose_shows_its_trail_and_learns():
-    result = accel_cli("launch", "-n", "2", "tutorials/03_compose_a_pipeline.py")
+    result = accel_cli("launch", "-n", "2", "--mixed-precision", "bf16", "--grad-accum-steps",
+                       "2", "tutorials/03_compose_a_pipeline.py")
     assert result.returncode == 0, result.stderr
     assert ("with_amp(bf16) -> shard_model(ddp) -> wrap_optimizer(Adam) -> "
             "distribute_loader(seed=0) -> accumulate_grads(steps=2)") in result.stdout

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 # Extras of pyproject.toml installed into the dev venv.
-EXTRAS = ["dev", "fp8", "deepspeed", "tracking"]
+EXTRAS = ["dev", "fp8", "deepspeed", "tracking", "notebook", "peft", "ray", "streaming"]
 # Pinned and installed first: an unpinned torch resolves to a CUDA build of several GB.
 TORCH_PIN = "torch==2.13.0"
 
@@ -153,11 +153,19 @@ def test(venv: Path, args: list[str]) -> int:
     # One thread per process: the spawned tests share the cores between 2 ranks, and a
     # fixed thread count keeps floating-point results the same on every machine.
     env = {**task_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if "-m" not in args and not any(_names_tests(arg) for arg in args):
+        # The main suite; the heavy lane is `test -m heavy` (tests/conftest.py, HEAVY).
+        args = ["-m", "not heavy", *args]
     say(f"running pytest {' '.join(args)}".rstrip())
     code = run(venv, ["-m", "pytest", *args], env)
     if code == NO_TESTS_COLLECTED:
         say("no tests were collected: that is a failure")
     return code
+
+
+def _names_tests(arg: str) -> bool:
+    """A file, folder or test id given on the command line: run what it names, heavy or not."""
+    return "::" in arg or (not arg.startswith("-") and (REPO / arg).exists())
 
 
 def show_venv(venv: Path, args: list[str]) -> int:

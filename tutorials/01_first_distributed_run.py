@@ -9,6 +9,13 @@ A small MLP learns y = sin(3x) * x from synthetic data. `accel.init` reads the l
 environment and joins the processes; `shard_model` wraps the model in DDP when there are
 several (gradients are averaged across processes in backward); `distribute_loader` gives
 each process its share of every epoch's batches.
+
+The launch decides the engine and the precision, not the script: `init` reads the
+settings of `accel launch` (flags, ACCEL_* variables, a config file) into `ctx.settings`,
+and `with_amp` and `shard_model` take them when called without `dtype` / `strategy`:
+
+    accel launch -n 2 --strategy fsdp --mixed-precision bf16 tutorials/01_first_distributed_run.py
+    accel launch --config run.toml tutorials/01_first_distributed_run.py  # see `accel config`
 """
 
 import math
@@ -37,7 +44,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     loader = DataLoader(make_data(), batch_size=32, shuffle=True)
 
-    model, ctx = accel.shard_model(model, ctx)          # DDP on 2+ processes
+    model, ctx = accel.with_amp(model, ctx)             # the launch's precision; fp32 by default
+    model, ctx = accel.shard_model(model, ctx)          # the launch's strategy; DDP on 2+
     optimizer, ctx = accel.wrap_optimizer(optimizer, ctx)
     loader, ctx = accel.distribute_loader(loader, ctx)  # a new shuffle each epoch
     accel.print(f"training on {ctx.world_size} process(es): {ctx}", ctx=ctx)

@@ -1,15 +1,18 @@
 """Tutorial 02: your own training loop, with every training transform.
 
     accel launch -n 2 tutorials/02_custom_training_loop.py
-    accel launch -n 2 tutorials/02_custom_training_loop.py --precision fp16 --accumulate 4
+    accel launch -n 2 --mixed-precision fp16 --grad-accum-steps 4 \
+        tutorials/02_custom_training_loop.py
+    accel launch -n 2 --strategy fsdp --mixed-precision bf16 tutorials/02_custom_training_loop.py
     python tutorials/02_custom_training_loop.py            # one process, same code
 
 The loop below is plain PyTorch; the transforms before it decide how it runs: in which
 precision (with_amp), on which engine (shard_model: one process, DDP, FSDP2 or DeepSpeed
-ZeRO), with which
-loss scaling (wrap_optimizer), how often the optimizer really steps (accumulate_grads),
-how the schedule counts (wrap_scheduler) and which batches each process reads
-(distribute_loader). Change a flag, not the loop.
+ZeRO), with which loss scaling (wrap_optimizer), how often the optimizer really steps
+(accumulate_grads), how the schedule counts (wrap_scheduler) and which batches each
+process reads (distribute_loader). Called without options, the transforms take the
+launch's settings (`ctx.settings`: flags, ACCEL_* variables, `--config FILE`), and fp32,
+the default engine and no accumulation where none is set. Change a flag, not the loop.
 
 `progress` draws one progress bar (on the main process), and `init_trackers` logs
 the metrics once, to runs/RUN_NAME/metrics.jsonl; chart them with `accel plot RUN_DIR`.
@@ -33,10 +36,6 @@ def make_data(num_samples: int, seed: int) -> TensorDataset:
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", default=None,
-                        help="single, ddp, fsdp, deepspeed (default: ddp on 2+ processes)")
-    parser.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16", "fp8"])
-    parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--project-dir", default="runs", help="where the metrics go")
     return parser.parse_args()
@@ -50,21 +49,23 @@ def main() -> None:
     train = DataLoader(make_data(1024, seed=1), batch_size=16, shuffle=True)
     evaluation = DataLoader(make_data(250, seed=2), batch_size=32)
 
-    model, ctx = accel.with_amp(model, ctx, dtype=args.precision)
-    model, ctx = accel.shard_model(model, ctx, strategy=args.strategy)
+    model, ctx = accel.with_amp(model, ctx)          # --mixed-precision (fp32 if unset)
+    model, ctx = accel.shard_model(model, ctx)       # --strategy (DDP on 2+ if unset)
     optimizer, ctx = accel.wrap_optimizer(optimizer, ctx)
     train, ctx = accel.distribute_loader(train, ctx)
     evaluation, ctx = accel.distribute_loader(evaluation, ctx)
-    model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx,
-                                                   steps=args.accumulate, loader=train)
-    # Schedules count real optimizer steps: batches per process / accumulation.
-    total_steps = args.epochs * -(-len(train) // args.accumulate)
+    model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx,  # --grad-accum-steps
+                                                   loader=train)
+    # Schedules count real optimizer steps: batches per process / accumulation. Build
+    # them after distribute_loader, whose length is this process's share.
+    total_steps = args.epochs * -(-len(train) // ctx.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
                                                     total_steps=total_steps)
     scheduler, ctx = accel.wrap_scheduler(scheduler, ctx, optimizer)
     accel.print(ctx, ctx=ctx)
     # Every rank calls it; only the main process writes (the others' trackers do nothing).
-    trackers = accel.init_trackers(ctx, ["jsonl"], args.project_dir, config=vars(args))
+    trackers = accel.init_trackers(ctx, ["jsonl"], args.project_dir,
+                                   config={**vars(args), **ctx.settings.values()})
 
     step = 0
     for epoch in range(args.epochs):

@@ -1,14 +1,16 @@
 """Tutorial 03: build the preparation once with accel.compose, reuse it everywhere.
 
     accel launch -n 2 tutorials/03_compose_a_pipeline.py
+    accel launch -n 2 --strategy fsdp --mixed-precision fp16 --grad-accum-steps 2 \
+        tutorials/03_compose_a_pipeline.py
 
 `compose` chains transforms; each receives the objects its signature names (model,
 optimizer, scheduler, loader) and the pipeline returns all of them plus the Context.
-Options are bound with functools.partial, so a pipeline is a value you can build from a
-config file, print, and test.
+The transforms' options default to the launch's settings (`ctx.settings`: precision,
+strategy, accumulation steps); options bound with functools.partial
+(`partial(accel.accumulate_grads, steps=4)`) fix them in the pipeline instead, so a
+pipeline is a value you can build, print, and test.
 """
-
-from functools import partial
 
 import torch
 from torch import nn
@@ -17,11 +19,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import accel
 
 prepare = accel.compose(
-    partial(accel.with_amp, dtype="bf16"),
-    accel.shard_model,                      # DDP on 2+ processes, else a plain placement
+    accel.with_amp,                         # --mixed-precision; fp32 by default
+    accel.shard_model,                      # --strategy; DDP on 2+ processes, else placed
     accel.wrap_optimizer,
     accel.distribute_loader,
-    partial(accel.accumulate_grads, steps=2),  # gets the loader as its link, by name
+    accel.accumulate_grads,                 # --grad-accum-steps; the loader as its link
 )
 
 

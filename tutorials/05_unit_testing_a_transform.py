@@ -3,9 +3,15 @@
 A transform is a plain function: objects + Context in, objects + new Context out. So it
 can be tested like any function, on every rank of any world size, without a cluster.
 
-Run the tests of this file with:
+This file is a pytest module. Run its tests with either of:
 
     python -m pytest tutorials/05_unit_testing_a_transform.py -q
+    python tutorials/05_unit_testing_a_transform.py
+
+Under a launcher it does not run the tests (they start their own worlds): it applies the
+transform on the launched processes and checks that every rank agrees:
+
+    accel launch -n 2 tutorials/05_unit_testing_a_transform.py
 
 Two tools from accel.testing:
 - fake_world(rank, world_size): this one process believes it is `rank` of `world_size`
@@ -66,3 +72,18 @@ def lr_on_this_rank(ctx: accel.Context) -> float:
 
 def test_ranks_agree_in_a_real_world():
     assert run_world(lr_on_this_rank, world_size=2) == [pytest.approx(0.2)] * 2
+
+
+# --- run as a script ----------------------------------------------------------------
+if __name__ == "__main__":
+    import os
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accel launch -n N: the world is here
+        ctx = accel.init()
+        lr = lr_on_this_rank(ctx)
+        accel.print(f"scale_lr_with_world on {ctx.world_size} launched processes: "
+                    f"lr {lr:g} on every rank", ctx=ctx, per_node=False)
+        accel.shutdown(ctx)
+    else:  # python tutorials/05_...py: this file's tests
+        sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))

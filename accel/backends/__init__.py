@@ -137,6 +137,10 @@ class BuiltinStrategy(Strategy):
         super().__init_subclass__(**kwargs)
         cls.name = cls.__module__.split(".")[2]
 
+    #: its options in a config file / `ACCEL_<NAME>_*` variables: `accel.launch_settings.Setting`s
+    #: named `<name>_<key>` with `section=<name>`; `accel config` asks their questions.
+    settings: ClassVar[tuple[Any, ...]] = ()
+
     @classmethod
     def from_settings(cls, settings: Any) -> BuiltinStrategy:
         """This strategy with the options `accel launch` / `accel config` set (none here)."""

@@ -75,7 +75,14 @@ class AccelOptimizer(torch.optim.Optimizer):
 
     @property
     def sync_gradients(self) -> bool:
-        """Whether the current micro-step ends an accumulation cycle (the step will apply)."""
+        """Whether the current micro-batch ends an accumulation cycle (its step applies).
+
+        Decided at the micro-batch's first forward and kept until the next micro-batch's
+        first forward: it reads the same before and after `step()` (as Accelerate's
+        `sync_gradients`), so `if optimizer.sync_gradients: completed_steps += 1` after
+        the step counts real updates. Before the first forward it answers for the
+        micro-batch to come; always True without `accumulate_grads`.
+        """
         return self.accumulation is None or self.accumulation.is_boundary
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

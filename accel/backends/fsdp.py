@@ -9,7 +9,6 @@ model stays the user's own module.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,13 +32,20 @@ from accel.backends import (
     CONTEXT_PARALLEL,
     SHARDED_CHECKPOINT,
     BuiltinStrategy,
+    _float8,
     collect_engine_cycles_at_exit,
     single,
 )
 from accel.backends import _state as state
+from accel.backends._checkpointing import (  # noqa: F401  (CheckpointedForward: public here)
+    CheckpointedForward,
+    checkpoint_module,
+    is_checkpointed,
+)
 from accel.backends._fsdp_sync import follow_forwards as _follow_forwards
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, InvalidOptionError, UnsupportedError
+from accel.launch_settings import Setting
 from accel.validation import (
     check_bool,
     check_callable,
@@ -121,11 +127,26 @@ class FSDP(BuiltinStrategy):
         mesh: your own torch DeviceMesh (1-D: FSDP, 2-D: HSDP) instead.
         init_fn: for a model built on the meta device, called on each module holding
             parameters or buffers once they are allocated; default `reset_parameters()`.
+        keep_meta: leave a model built on the meta device unallocated: its shards stay
+            on meta (nothing initialised or sent) until `accel.load_pretrained` fills
+            each rank's slices from a checkpoint.
 
     >>> model, ctx = accel.shard_model(model, ctx, strategy=accel.FSDP(shard_units=Block))
     """
 
     capabilities = frozenset({COLLECTIVE_BACKWARD, SHARDED_CHECKPOINT, CONTEXT_PARALLEL})
+    #: the options `accel config` asks and `accel launch` passes (`[fsdp]` in a config file).
+    settings = (
+        Setting("fsdp_reshard_after_forward", bool, None, "free gathered parameters after "
+                "forward", training=True, section="fsdp",
+                question="FSDP: free gathered parameters after forward", ask_default=True),
+        Setting("fsdp_cpu_offload", bool, None, "shards, gradients and optimizer state on "
+                "the CPU", training=True, section="fsdp", question="FSDP: offload "
+                "parameters, gradients and optimizer state to the CPU", ask_default=False),
+        Setting("fsdp_activation_checkpointing", bool, None, "recompute activations in "
+                "backward", training=True, section="fsdp", question="FSDP: activation "
+                "checkpointing (recompute activations in backward)", ask_default=False),
+    )
     shard_units: (tuple[type[nn.Module], ...] | int | Callable[[nn.Module], bool] | None) = (
         attrs.field(default=None, converter=_to_shard_units, validator=_check_shard_units))
     reshard_after_forward: bool | int | None = attrs.field(default=None,
@@ -148,6 +169,7 @@ class FSDP(BuiltinStrategy):
     init_fn: Callable[[nn.Module], None] | None = attrs.field(
         default=None, validator=option_validator(
             "FSDP", check_callable, "a function of one module", optional=True))
+    keep_meta: bool = attrs.field(default=False, validator=option_validator("FSDP", check_bool))
 
     @classmethod
     def from_settings(cls, settings: Any) -> FSDP:
@@ -160,23 +182,11 @@ class FSDP(BuiltinStrategy):
 STRATEGY = FSDP
 
 
-class CheckpointedForward:
-    """A forward whose activations are recomputed in backward (torch.utils.checkpoint)."""
-
-    def __init__(self, forward: Callable[..., Any]):
-        functools.update_wrapper(self, forward)
-        self.forward = forward
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(self.forward, *args, use_reentrant=False,
-                                                 **kwargs)
-
-
 def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
     """Shard every unit, then the root; a meta-device model is allocated unit by unit."""
     _check_process_group(ctx)
     units = select_shard_units(model, strategy.shard_units)
-    on_meta = any(t.is_meta for t in _tensors(model, recurse=True))
+    on_meta = not strategy.keep_meta and any(t.is_meta for t in _tensors(model, recurse=True))
     if on_meta:
         _check_initialisable(model, strategy.init_fn)
     options: dict[str, Any] = dict(
@@ -199,6 +209,7 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
         _link_sharded_parameters(slots)
     collect_engine_cycles_at_exit()
     _follow_forwards(model)  # from the first forward on, so no_sync's rule always holds
+    _float8.remember_fsdp_root(model)  # float8 all-gather: scales precomputed per step
     return model
 
 
@@ -354,9 +365,9 @@ def _checkpoint_activations(units: list[nn.Module]) -> None:
             "FSDP(activation_checkpointing=True) checkpoints the shard units, but this model "
             "has none below the root; name them with FSDP(shard_units=YourBlock)"
         )
-    for unit in units:
-        if not isinstance(unit.forward, CheckpointedForward):
-            unit.forward = CheckpointedForward(unit.forward)
+    for unit in units:  # units accel.checkpoint_activations already wrapped stay as they are
+        if not is_checkpointed(unit):
+            checkpoint_module(unit)
 
 
 def _tensors(module: nn.Module, recurse: bool) -> Iterator[torch.Tensor]:
@@ -377,7 +388,7 @@ def _check_initialisable(model: nn.Module, init_fn: Any) -> None:
         raise IncompatibleOptionsError(
             f"the model is on the meta device, but {lacking[:3]} hold parameters or buffers "
             "and have no reset_parameters(): pass FSDP(init_fn=fn), fn(module) initialising "
-            "the module's own tensors (a no-op if you load a checkpoint next)"
+            "the module's own tensors, or FSDP(keep_meta=True) and accel.load_pretrained"
         )
 
 
@@ -449,6 +460,7 @@ def wrap_optimizer(optimizer: Any, ctx: Context) -> Any:
     for old in [param for param in state if param in _SHARDED]:
         new = _SHARDED[old]
         state[new] = {key: _shard_like(value, new) for key, value in state.pop(old).items()}
+    _float8.precompute_after_steps(optimizer)
     return optimizer
 
 

@@ -8,6 +8,7 @@ atomically: see `accel.checkpoint.common` for the layout.
 >>> info = accel.load_state(folder, ctx, model=model, optimizer=optimizer, loader=loader)
 """
 
+from accel.checkpoint.background import AsyncSave
 from accel.checkpoint.common import CheckpointInfo
 from accel.checkpoint.export import load_model, save_model
 from accel.checkpoint.folder import CheckpointFolder
@@ -22,6 +23,7 @@ from accel.errors import (
 )
 
 __all__ = [
+    "AsyncSave",
     "CheckpointFolder",
     "CheckpointInfo",
     "CheckpointMismatchError",

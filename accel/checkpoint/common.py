@@ -1,24 +1,32 @@
 """What save and load share: the metadata file, agreement between ranks, split-up checksums.
 
-Layout of a checkpoint directory (format version 1)::
+Layout of a checkpoint directory (format version 2; version 1 differs only in its
+checksums, CRC32, which still verify)::
 
     accel.json              metadata: format, versions, world size, backend, step,
-                            what was saved (with saved.tied: {alias: kept name} of tied
-                            weights, stored once under the kept name; saved.
-                            optimizer_class / scheduler_class: the classes' names, absent
-                            from checkpoints of earlier accel versions, whose readers
-                            ignore them), and every file's size and CRC32 (computed
-                            while writing); written last: a checkpoint is complete once
-                            every file it lists is there with its size
+                            layout ("full", "sharded" or "per-rank"), what was saved
+                            (with saved.tied: {alias: kept name} of tied weights, stored
+                            once under the kept name; saved.optimizer_class /
+                            scheduler_class: the classes' names; saved.selected: saved
+                            with select=; the named form lists saved.models, .optimizers,
+                            .schedulers, .loaders instead), nodes (save_on_each_node:
+                            the node layout), and every file's size and checksum
+                            (`accel.checkpoint.checksum`, computed while writing);
+                            written last: a checkpoint is complete once every file it
+                            lists is there with its size
     model.json              the model state's structure (tensors referenced by key)
     model.safetensors       full layout: the whole model state, keys = parameter names
     model/                  sharded layout: torch.distributed.checkpoint directory with
                             safetensors shards (dcp.HuggingFaceStorageReader reads it,
                             on any number of processes; see parts.load_sharded_tensors)
+    model/rank{r}.json + .safetensors   per-rank layout (node-local disks, sharded
+                            engines): rank r's own shards (see `accel.checkpoint.nodes`)
     optimizer.json + optimizer.safetensors | optimizer/     the same, for the optimizer
-    state.json + state.safetensors   rank 0's step, scheduler, extras, and the wrapped
-                            optimizer's loss scale, accumulation micro-step, real steps
-    ranks/rank{r}.json + .safetensors   each rank's RNG states and loader position
+    models/NAME..., optimizers/NAME...   the named form (`models={...}`): the same per name
+    state.json + state.safetensors   rank 0's step, schedulers, extras, and the wrapped
+                            optimizers' loss scale, accumulation micro-step, real steps
+    ranks/rank{r}.json + .safetensors   each rank's RNG states and loader positions
+                            (with a stream's own state, see `accel.data.stateful`)
 """
 
 from __future__ import annotations
@@ -51,12 +59,13 @@ from accel.errors import (
     UnsupportedError,
 )
 from accel.runtime import ops
-from accel.validation import check_bool, check_context, check_module, check_type
+from accel.validation import check_bool, check_context, check_type
 
 FORMAT = "accel-checkpoint"
-FORMAT_VERSION = 1
+#: 2: files checksummed with XXH3-64 (records name their algorithm; version 1: CRC32).
+FORMAT_VERSION = 2
 #: keyword arguments of save_state/load_state that are not extra objects.
-RESERVED = frozenset({"step", "verify"})
+RESERVED = frozenset({"step", "verify", "select", "blocking", "strict"})
 
 
 @attrs.frozen
@@ -75,13 +84,11 @@ class CheckpointInfo:
     recovered: bool = False
 
 
-def check_checkpoint_arguments(function: str, path: Any, ctx: Any, model: Any, *,
-                               rng: Any) -> None:
-    """The arguments save_state and load_state share."""
+def check_checkpoint_arguments(function: str, path: Any, ctx: Any, *, rng: Any) -> None:
+    """The arguments save_state and load_state share (the objects: `objects.collect`)."""
     check_type(function, "path", path, (str, os.PathLike, CheckpointFolder),
                "a checkpoint directory (str or os.PathLike) or an accel.CheckpointFolder")
     check_context(function, ctx)
-    check_module(function, "model", model)
     check_bool(function, "rng", rng)
 
 
@@ -130,14 +137,19 @@ def _error_type(message: str) -> type[AccelError]:
     return next((kind for kind in known if kind.__name__ == name), AccelError)
 
 
+def attempt(fn: Callable[[], Any], here: bool) -> tuple[Any, BaseException | None]:
+    """(fn(), None) where `here`, (None, its error) if it raised; (None, None) elsewhere."""
+    if not here:
+        return None, None
+    try:
+        return fn(), None
+    except Exception as exc:  # noqa: BLE001 - the caller reports it to every rank
+        return None, exc
+
+
 def on_main(ctx: Context, fn: Callable[[], Any], what: str) -> Any:
     """Run `fn` on rank 0 only; every rank returns its result or raises its error."""
-    result, error = None, None
-    if ctx.is_main_process:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            error = exc
+    result, error = attempt(fn, ctx.is_main_process)
     outcome = ops.broadcast_object(
         {"result": result, "error": describe_error(error)}, ctx)
     if error is not None:
@@ -147,34 +159,47 @@ def on_main(ctx: Context, fn: Callable[[], Any], what: str) -> Any:
     return outcome["result"]
 
 
-def file_records(root: Path, written: dict[str, Record], ctx: Context) -> dict[str, Record]:
+def file_records(root: Path, written: dict[str, Record], ctx: Context, *,
+                 node_local: bool = False) -> dict[str, Record]:
     """Size and checksum of every file under `root`, for accel.json.
 
     `written`: what this rank wrote and checksummed while writing. The files torch
-    wrote (the sharded parts) are read back once, the work split over the ranks (a
-    shared filesystem); they are still in the page cache.
+    wrote (the sharded parts) are read back once, the work split over the ranks that
+    write into `root` (all of them on a shared filesystem, the node's with
+    `node_local`); they are still in the page cache.
     """
     records: dict[str, Record] = {}
-    for part in ops.gather_object({"records": written}, ctx, ranks="all"):
+    for part in _mine(ops.gather_object({"node": ctx.node_rank, "records": written}, ctx,
+                                        ranks="all"), ctx, node_local):
         records.update(part["records"])
     rest = [name for name in all_files(root) if name not in records]
-    mine = describe(root, rest[ctx.rank::ctx.world_size])
-    for part in ops.gather_object({"records": mine}, ctx, ranks="all"):
+    index, count = (ctx.local_rank, ctx.local_world_size) if node_local else (
+        ctx.rank, ctx.world_size)
+    mine = describe(root, rest[index::count])
+    for part in _mine(ops.gather_object({"node": ctx.node_rank, "records": mine}, ctx,
+                                        ranks="all"), ctx, node_local):
         records.update(part["records"])
     return records
 
 
+def _mine(reports: list[dict[str, Any]], ctx: Context, node_local: bool) -> list[dict[str, Any]]:
+    return [report for report in reports if not node_local or report["node"] == ctx.node_rank]
+
+
 def check_files(root: Path, records: dict[str, Record], piecewise: list[str],
-                ctx: Context) -> None:
+                ctx: Context, *, node_local: bool = False) -> None:
     """Before anything is read: every file is there with its size, and the files read
     piecewise (`piecewise`, split over the ranks) match their checksums too; the
     others are checked as they are read. All ranks raise if one file is bad.
+    `node_local`: each node checks its own folder (see `accel.checkpoint.nodes`).
     """
     error = None
+    index, count = (ctx.local_rank, ctx.local_world_size) if node_local else (
+        ctx.rank, ctx.world_size)
     try:
-        if ctx.is_main_process:
+        if index == 0:
             check_sizes(root, records)
-        verify(root, records, piecewise[ctx.rank::ctx.world_size])
+        verify(root, records, piecewise[index::count])
     except CorruptCheckpointError as exc:
         error = exc
     agree(ctx, error, "verifying the checkpoint")

@@ -2,11 +2,11 @@
 
 Each process fsyncs what it writes; the directory entries are fsynced before a folder is
 renamed into place, so a crash never leaves a name pointing at data that is not on disk.
-A file's size and CRC32 (zlib, ~5 GB/s) are computed over the bytes as they are written
-(`ChecksummedWriter`) and checked over the bytes that are then loaded (`read_verified`):
-no file is read a second time just for its checksum. CRC32 catches truncation and
-corruption; it is not meant to resist tampering. File names read from a checkpoint (an
-index, accel.json) are checked to stay inside its folder (`inside`).
+A file's size and checksum (XXH3-64, see `accel.checkpoint.checksum`) are computed over
+the bytes as they are written (`ChecksummedWriter`) and checked over the bytes that are
+then loaded (`read_verified`): the disk is read once, in large sequential pieces, and
+no file is read a second time just for its checksum. File names read from a checkpoint
+(an index, accel.json) are checked to stay inside its folder (`inside`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import json
 import mmap
 import os
 import uuid
-import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 # Defined in accel.errors; imported from here by the rest of the package.
+from accel.checkpoint.checksum import ALGORITHM, CRC32, Hasher, digest_of, make_record, mismatch
 from accel.errors import (
     AccelError,
     CheckpointNotFoundError,
@@ -33,12 +33,11 @@ from accel.errors import (
 
 __all__ = ["CheckpointNotFoundError", "CorruptCheckpointError"]
 
-_CHUNK = 16 << 20
 #: marks a temporary directory (a save in progress, or a replaced one being deleted).
 TMP_MARK = ".tmp-"
 #: a checkpoint's metadata file, written last: the list of its files, sizes and checksums.
 METADATA = "accel.json"
-#: what a checksum record holds: {"bytes": int, "crc32": "8 hex digits"}.
+#: what a checksum record holds: {"bytes": int, ALGORITHM: "hex digits"} (see checksum.py).
 Record = dict[str, Any]
 
 
@@ -48,22 +47,25 @@ class ChecksummedWriter:
     >>> with ChecksummedWriter(path) as out:
     ...     out.write(b"...")
     >>> out.record()
-    {'bytes': 3, 'crc32': '...'}
+    {'bytes': 3, 'xxh3_64': '...'}
     """
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in __exit__
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in __exit__
         self._size = 0
-        self._crc = 0
+        self._hasher = Hasher(ALGORITHM)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._file.write(data)
-        self._crc = zlib.crc32(data, self._crc)
-        self._size += memoryview(data).nbytes
+        view = memoryview(data)
+        written = 0
+        while written < view.nbytes:  # an unbuffered write may take only part of it
+            written += self._file.write(view[written:])
+        self._hasher.update(view)
+        self._size += view.nbytes
 
     def record(self) -> Record:
-        return {"bytes": self._size, "crc32": f"{self._crc:08x}"}
+        return make_record(self._size, self._hasher)
 
     def __enter__(self) -> ChecksummedWriter:
         return self
@@ -103,12 +105,12 @@ def read_json(path: Path, record: Mapping[str, Any] | None = None) -> Any:
 
 
 def read_verified(path: Path, record: Mapping[str, Any] | None = None) -> mmap.mmap | bytes:
-    """The file's bytes, memory-mapped, its size and CRC32 checked against `record`.
+    """The file's bytes, memory-mapped, its size and checksum checked against `record`.
 
-    The checksum pass is the read: it brings the file into memory once, and what is
-    loaded afterwards are those very bytes (views of the copy-on-write mapping, no copy).
-    A checkpoint is never written again once committed, so the bytes cannot change
-    between the check and their use.
+    The checksum pass is the read: it brings the file into memory once, in large
+    sequential pieces read ahead of the hashing, and what is loaded afterwards are those
+    very bytes (views of the copy-on-write mapping, no copy). A checkpoint is never
+    written again once committed, so the bytes cannot change between the check and use.
 
     Raises:
         CorruptCheckpointError: the file is missing, has another size (truncated) or
@@ -124,9 +126,36 @@ def read_verified(path: Path, record: Mapping[str, Any] | None = None) -> mmap.m
             data = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
     except FileNotFoundError:
         raise CorruptCheckpointError(f"the checkpoint file {path} is missing") from None
-    if record is not None and f"{zlib.crc32(data):08x}" != record["crc32"]:
-        raise _crc_mismatch(path)
+    if record is not None:
+        failed = mismatch(record, data, _read_ahead(data) if size else None)
+        if failed:
+            raise _checksum_mismatch(path, failed)
     return data
+
+
+def _read_ahead(data: mmap.mmap) -> Callable[[int, int], None]:
+    """Start the kernel reading a range of the mapping (WILLNEED: large requests, at once),
+    so that hashing one part overlaps with the disk reading the next."""
+    def read_ahead(start: int, length: int) -> None:
+        length = min(length, len(data) - start)
+        if length > 0 and hasattr(data, "madvise"):  # Python 3.8+ on Unix
+            data.madvise(mmap.MADV_WILLNEED, start, length)
+    return read_ahead
+
+
+def file_record(path: Path, algorithm: str = ALGORITHM) -> Record:
+    """Size and checksum of a file someone else wrote (read through a mapping, no copy)."""
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        if not size:
+            return make_record(0, Hasher(algorithm))
+        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return {"bytes": size, algorithm: digest_of(data, algorithm, _read_ahead(data))}
+
+
+def crc32(path: Path) -> str:
+    """A file's CRC32, as checkpoints of accel before XXH3 recorded it."""
+    return file_record(path, CRC32)[CRC32]
 
 
 def fsync_path(path: Path) -> None:
@@ -238,18 +267,9 @@ def all_files(root: Path) -> list[str]:
     return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
 
 
-def crc32(path: Path) -> str:
-    value = 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            value = zlib.crc32(chunk, value)
-    return f"{value:08x}"
-
-
 def describe(root: Path, names: Iterable[str]) -> dict[str, Record]:
-    """{name: {"bytes", "crc32"}} of files under `root` written by someone else (DCP)."""
-    return {name: {"bytes": (root / name).stat().st_size, "crc32": crc32(root / name)}
-            for name in names}
+    """{name: record} of files under `root` written by someone else (DCP)."""
+    return {name: file_record(root / name) for name in names}
 
 
 def check_sizes(root: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
@@ -293,9 +313,9 @@ def verify(root: Path, records: Mapping[str, Mapping[str, Any]], names: Iterable
                 f"{path} is not listed in {root / METADATA}: the checkpoint is mixed up")
         if not path.is_file():
             raise CorruptCheckpointError(f"the checkpoint file {path} is missing")
-        _check_size(path, path.stat().st_size, record)
-        if crc32(path) != record["crc32"]:
-            raise _crc_mismatch(path)
+        data = read_verified(path, record)
+        if isinstance(data, mmap.mmap):
+            data.close()
 
 
 def _check_size(path: Path, size: int, record: Mapping[str, Any]) -> None:
@@ -305,7 +325,7 @@ def _check_size(path: Path, size: int, record: Mapping[str, Any]) -> None:
             "written: it is truncated or was changed; load an earlier checkpoint")
 
 
-def _crc_mismatch(path: Path) -> CorruptCheckpointError:
+def _checksum_mismatch(path: Path, name: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"the checkpoint file {path} does not match its recorded CRC32 checksum: it is "
+        f"the checkpoint file {path} does not match its recorded checksum ({name}): it is "
         "corrupted; load an earlier checkpoint")

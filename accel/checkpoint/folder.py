@@ -100,18 +100,20 @@ class CheckpointFolder:
         (``PREFIXnew``) or of its rotation (``PREFIX000003``)."""
         return stem == self.staging.name or self.number_of(Path(stem)) is not None
 
-    def commit(self, staging: Path) -> Path:
-        """Give the finished folder `staging` the next free number; return its final path.
+    def commit(self, staging: Path, *, number: int | None = None) -> Path:
+        """Give the finished folder `staging` the next free number (or exactly `number`:
+        the one every node of a node-local save agreed on); return its final path.
 
         Raises:
-            OSError: the rename failed otherwise (a full disk, a read-only folder).
+            OSError: the rename failed otherwise (a full disk, a read-only folder), or
+                `number` is taken.
         """
         while True:
-            final = self.next_path()
+            final = self.next_path() if number is None else self.root / self.name(number)
             try:
                 os.rename(staging, final)
             except OSError as exc:
-                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or number is not None:
                     raise
                 continue  # another job took this number first
             fsync_path(self.root)

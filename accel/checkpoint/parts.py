@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 
 from accel.checkpoint.files import Record, read_json, write_json
 from accel.checkpoint.folder import METADATA
-from accel.checkpoint.tree import flatten, tensor_keys, unflatten
+from accel.checkpoint.tree import flatten, keep_tensors, tensor_keys, unflatten
 from accel.checkpoint.weights import names_in, read_tensors, write_tensors
 from accel.context import Context
 from accel.errors import (
@@ -29,6 +29,7 @@ from accel.errors import (
     InvalidArgumentError,
     UntrustedCheckpointError,
 )
+from accel.runtime import ops
 
 Records = Mapping[str, Record]
 
@@ -65,6 +66,10 @@ def write_sharded_part(root: Path, name: str, tree: Any, ctx: Context) -> dict[s
     shard files, whose records are computed afterwards.
     """
     skeleton, tensors = flatten(tree)
+    if ctx.pp_size > 1:  # pipeline stages hold different tensors: rank 0 writes them all
+        from accel.transforms.pipeline_state import merge_trees
+
+        skeleton = merge_trees(ops.gather_object([skeleton], ctx, ranks="all"))
     records = {f"{name}.json": write_json(root / f"{name}.json", skeleton)} if (
         ctx.is_main_process) else {}
     writer = dcp.HuggingFaceStorageWriter(str(root / name), save_distributed=True)
@@ -73,17 +78,24 @@ def write_sharded_part(root: Path, name: str, tree: Any, ctx: Context) -> dict[s
     return records
 
 
-def read_sharded_part(root: Path, name: str, target: Any, ctx: Context) -> Any:
+def read_sharded_part(root: Path, name: str, target: Any, ctx: Context, *,
+                      partial: bool = False) -> Any:
     """Fill `target` (this process's tensors, sharded or whole) from a sharded part.
 
     Works on any world size: DCP reads each process's pieces from whatever shards
     hold them. Verify the part's files first: DCP reads them piecewise, and may write
     into the model's own tensors. Returns the saved tree with `target`'s tensors, now
-    loaded.
+    loaded. `partial`: the part may hold only some of `target`'s tensors (the others
+    are not read).
     """
     skeleton = read_json(root / f"{name}.json")
     _, tensors = flatten(target)
-    _check_same_keys(set(tensor_keys(skeleton)), set(tensors), root / name)
+    if ctx.pp_size > 1:  # a pipeline stage reads the tensors it holds, not the others'
+        skeleton = keep_tensors(skeleton, set(tensors))
+    saved = set(tensor_keys(skeleton))
+    if partial:
+        tensors = {key: value for key, value in tensors.items() if key in saved}
+    _check_same_keys(saved, set(tensors), root / name)
     reader = dcp.HuggingFaceStorageReader(str(root / name))
     dcp.load(tensors, storage_reader=reader, process_group=ctx.group,
              no_dist=not ctx.is_distributed)

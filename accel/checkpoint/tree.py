@@ -124,3 +124,21 @@ def tensor_keys(skeleton: Any) -> list[str]:
     if ITEMS in skeleton:
         return [key for _, item in skeleton[ITEMS] for key in tensor_keys(item)]
     return [key for item in skeleton.values() for key in tensor_keys(item)]
+
+
+def keep_tensors(skeleton: Any, keys: set[str]) -> Any:
+    """The skeleton without the entries whose tensors are all outside `keys`.
+
+    A pipeline stage loads its own tensors from a checkpoint of every stage's: the other
+    stages' entries go; values without tensors (param groups, settings) stay.
+    """
+    if isinstance(skeleton, list):
+        return [keep_tensors(item, keys) for item in skeleton]
+    if not isinstance(skeleton, dict) or any(marker in skeleton for marker in _MARKERS):
+        return skeleton
+    kept = {}
+    for key, value in skeleton.items():
+        found = tensor_keys(value)
+        if not found or any(name in keys for name in found):
+            kept[key] = keep_tensors(value, keys)
+    return kept

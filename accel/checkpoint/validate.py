@@ -49,10 +49,11 @@ def scheduler_class(scheduler: Any) -> str | None:
 
 
 def model_differences(saved: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-                      *, dtypes: bool = True) -> list[str]:
-    """Names the checkpoint lacks or has in excess, and shapes (and `dtypes`) that differ."""
-    found = _name_differences("model", sorted(set(target) - set(saved)),
-                              sorted(set(saved) - set(target)))
+                      *, dtypes: bool = True, partial: bool = False) -> list[str]:
+    """Names the checkpoint lacks (unless `partial`) or has in excess, and shapes (and
+    `dtypes`) that differ."""
+    lacks = [] if partial else sorted(set(target) - set(saved))
+    found = _name_differences("model", lacks, sorted(set(saved) - set(target)))
     for name in sorted(set(saved) & set(target)):
         old, new = saved[name], target[name]
         if shape_of(old) != shape_of(new):
@@ -73,7 +74,8 @@ def _name_differences(what: str, lacks: list[str], extra: list[str]) -> list[str
 
 
 def optimizer_differences(saved: Mapping[str, Any], saved_class: str | None, optimizer: Any,
-                          module: nn.Module, *, structure: bool = True) -> list[str]:
+                          module: nn.Module, *, structure: bool = True,
+                          partial: bool = False) -> list[str]:
     """How the saved optimizer state differs from `optimizer` over `module`'s parameters.
 
     Args:
@@ -81,6 +83,7 @@ def optimizer_differences(saved: Mapping[str, Any], saved_class: str | None, opt
         saved_class: the saved optimizer's class name (None: not recorded).
         structure: compare groups and state too (not for engines that regroup the
             parameters into flat partitions, like DeepSpeed).
+        partial: the checkpoint may lack the state of some parameters (they keep theirs).
     """
     inner = inner_optimizer(optimizer)
     found = []
@@ -97,7 +100,7 @@ def optimizer_differences(saved: Mapping[str, Any], saved_class: str | None, opt
                      f"{len(groups)} here")
     for index, (old, new) in enumerate(zip(saved_groups, groups, strict=False)):  # counted above
         found += _group_differences(index, old, new, names, inner.defaults)
-    return found + _state_differences(saved.get("state", {}), inner, names, module)
+    return found + _state_differences(saved.get("state", {}), inner, names, module, partial)
 
 
 def _group_differences(index: int, old: Mapping[str, Any], new: Mapping[str, Any],
@@ -123,7 +126,7 @@ def _group_differences(index: int, old: Mapping[str, Any], new: Mapping[str, Any
 
 
 def _state_differences(state: Mapping[str, Any], inner: Any, names: Mapping[int, list[str]],
-                       module: nn.Module) -> list[str]:
+                       module: nn.Module, partial: bool) -> list[str]:
     params = dict(module.named_parameters(remove_duplicate=False))
     # The state this optimizer already holds (after steps), by every name of its parameter.
     current = {alias: entry for param, entry in inner.state.items() for alias in
@@ -134,7 +137,8 @@ def _state_differences(state: Mapping[str, Any], inner: Any, names: Mapping[int,
             found.append(f"optimizer state for {name}, which this model lacks")
         elif current.get(name):
             found += _entry_differences(name, entry, current[name])
-    if state:  # torch refuses a trainable parameter without state among others with one
+    # torch refuses a trainable parameter without state among others with one
+    if state and not partial:
         lacking = [names[id(param)][0] for group in inner.param_groups
                    for param in group["params"] if param.requires_grad and id(param) in names
                    and not any(alias in state for alias in names[id(param)])]

@@ -109,7 +109,7 @@ def write_safetensors_shards(specs: Sequence[TensorSpec],
     index with the new shards.
 
     Returns:
-        {file name: {"bytes", "crc32"}} of the files written ({} where directory is None).
+        {file name: {"bytes", checksum}} of the files written ({} where directory is None).
     """
     _check_dtypes(specs)
     shards = [_aligned(shard) for shard in plan_shards(specs, max_shard_size)]
@@ -175,7 +175,7 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> Record:
     Tensors that share memory (tied weights) are each written whole.
 
     Returns:
-        The file's {"bytes", "crc32"}, computed while writing.
+        The file's {"bytes", checksum}, computed while writing.
     """
     specs = [spec_of(name, tensor) for name, tensor in tensors.items()]
     _check_dtypes(specs)

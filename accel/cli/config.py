@@ -21,7 +21,7 @@ from typing import Any
 
 from accel.errors import AccelError, LaunchEnvironmentError
 from accel.transforms import settings
-from accel.transforms.settings import BY_NAME, PRECISIONS, STRATEGIES
+from accel.transforms.settings import PRECISIONS, STRATEGIES, Setting, lookup
 
 HEADER = "# accel run settings, written by `accel config`; see docs/configuration.md\n"
 
@@ -52,12 +52,13 @@ def to_toml(values: Mapping[str, Any]) -> str:
     >>> to_toml({"num_processes": 2, "deepspeed_stage": 3})
     '...num_processes = 2\\n\\n[deepspeed]\\nstage = 3\\n'
     """
+    declared = {name: lookup(name, "the new config") for name in values}
     top = [f"{name} = {toml_value(v)}" for name, v in values.items()
-           if v is not None and BY_NAME[name].section is None]
+           if v is not None and declared[name].section is None]
     text = HEADER + "".join(line + "\n" for line in top)
-    for section in settings.SECTIONS:
-        inner = [f"{BY_NAME[name].key} = {toml_value(v)}" for name, v in values.items()
-                 if v is not None and BY_NAME[name].section == section]
+    for section in sorted({d.section for d in declared.values() if d.section}):
+        inner = [f"{declared[name].key} = {toml_value(v)}" for name, v in values.items()
+                 if v is not None and declared[name].section == section]
         if inner:
             text += f"\n[{section}]\n" + "".join(line + "\n" for line in inner)
     return text
@@ -179,26 +180,24 @@ def questionnaire(asker: Asker, detected_processes: int) -> dict[str, Any]:
 
 
 def _engine_questions(asker: Asker, strategy: str) -> dict[str, Any]:
-    if strategy == "deepspeed":
-        stage = asker.ask("DeepSpeed ZeRO stage (1/2/3)", choice((1, 2, 3)), 2)
-        answers = {"deepspeed_stage": stage, "deepspeed_offload_optimizer": asker.ask(
-            "Offload optimizer state to the CPU", yes_no, False)}
-        if stage == 3:
-            answers["deepspeed_offload_params"] = asker.ask(
-                "Offload parameters to the CPU", yes_no, False)
-        return answers
-    if strategy == "fsdp":
-        return {
-            "fsdp_reshard_after_forward": asker.ask(
-                "FSDP: free gathered parameters after forward", yes_no, True),
-            "fsdp_cpu_offload": asker.ask(
-                "FSDP: offload parameters, gradients and optimizer state to the CPU",
-                yes_no, False),
-            "fsdp_activation_checkpointing": asker.ask(
-                "FSDP: activation checkpointing (recompute activations in backward)",
-                yes_no, False),
-        }
-    return {}
+    """The questions the engine declares for its options (`FSDP.settings`, ...)."""
+    answers: dict[str, Any] = {}
+    for option in settings.engine_settings(strategy):
+        if option.question is None or (option.asked_if and not option.asked_if(answers)):
+            continue
+        answers[option.name] = asker.ask(option.question, _parser(option), option.ask_default)
+    return answers
+
+
+def _parser(option: Setting) -> Callable[[str], Any]:
+    """How an answer to `option`'s question is read: from its type, choices and minimum."""
+    if option.choices is not None:
+        return choice(option.choices)
+    if option.kind is bool:
+        return yes_no
+    if option.kind is int:
+        return integer(option.minimum if option.minimum is not None else 0)
+    return text
 
 
 def detected_processes() -> int:

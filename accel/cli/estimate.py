@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from accel.inference.estimate import BYTES_PER_WEIGHT, DEFAULT_DTYPES, estimate_memory
@@ -35,6 +39,22 @@ def run_command(args: argparse.Namespace) -> int:
     # on the command line usually lives there.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    estimate = estimate_memory(args.model, dtypes=args.dtypes)
+    with _quiet_libraries():
+        estimate = estimate_memory(args.model, dtypes=args.dtypes)
     print(json.dumps(estimate.as_dict(), indent=2) if args.json else estimate.table())
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Only the table: building a model imports libraries (transformers imports torchao,
+    which logs the kernels it cannot load; torch logs pytree deprecations) whose warnings
+    say nothing about the estimate. Errors still raise."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)

@@ -1,16 +1,20 @@
 """`accel launch`: start the processes of a run through torch's elastic launcher (torchrun).
 
 accel does not manage processes itself: it resolves its options (command line > ACCEL_*
-variable > config file > defaults, see accel.transforms.settings), turns them into
+variable > a scheduler's PET_* / SLURM variables > config file > defaults, see
+accel.transforms.settings and accel.transforms.schedulers), turns them into
 `torch.distributed.run` arguments, and runs the user's script through `accel.cli._worker`,
-which fails a rank that never joined the others.
+which fails a rank that never joined the others. Under `srun` with one task per rank,
+SLURM has started the processes already: each task runs the script once, as its rank.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -18,8 +22,10 @@ from typing import Any
 
 import attrs
 
-from accel.errors import LaunchEnvironmentError
-from accel.transforms import settings
+from accel.cli import aliases
+from accel.errors import IncompatibleOptionsError, LaunchEnvironmentError
+from accel.transforms import schedulers, settings
+from accel.world import World, detect_world
 
 WORKER_MODULE = "accel.cli._worker"
 
@@ -31,12 +37,15 @@ class LaunchOptions:
     #: processes per node; None: one per GPU when CUDA is available, else 1.
     num_processes: int | None = None
     num_nodes: int = 1
+    #: the most nodes of an elastic run (`--nnodes MIN:MAX`); None: exactly num_nodes.
+    max_nodes: int | None = None
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
     rdzv_backend: str | None = None
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
+    rdzv_conf: str | None = None
     max_restarts: int = 0
     allow_unconnected: bool = False
 
@@ -65,15 +74,26 @@ def torchrun_arguments(
     fails each rank that never joined the others.
     """
     nproc = options.num_processes or default_num_processes()
-    argv = [f"--nproc-per-node={nproc}", f"--nnodes={options.num_nodes}",
+    argv = [f"--nproc-per-node={nproc}", f"--nnodes={node_count(options)}",
             f"--node-rank={options.node_rank}", f"--max-restarts={options.max_restarts}"]
     optional = {"--master-addr": options.master_addr, "--master-port": options.master_port,
                 "--rdzv-backend": options.rdzv_backend,
-                "--rdzv-endpoint": options.rdzv_endpoint, "--rdzv-id": options.rdzv_id}
+                "--rdzv-endpoint": options.rdzv_endpoint, "--rdzv-id": options.rdzv_id,
+                "--rdzv-conf": options.rdzv_conf}
     argv += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
     if options.allow_unconnected:
         return [*argv, *(["--module"] if module else []), target, *args]
     return [*argv, "--module", WORKER_MODULE, *(["-m"] if module else []), target, *args]
+
+
+def node_count(options: LaunchOptions) -> str:
+    """torchrun's --nnodes: 'N', or 'MIN:MAX' for an elastic range.
+
+    >>> node_count(LaunchOptions(num_nodes=2, max_nodes=4))
+    '2:4'
+    """
+    most = options.max_nodes or options.num_nodes
+    return f"{options.num_nodes}:{most}" if most != options.num_nodes else str(most)
 
 
 def launch(
@@ -98,7 +118,8 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="accel-launch-") as launch_dir:
         try:
             worker_env = {**(training_env or {}),
-                          **_worker_environment(launch_dir, options.num_processes)}
+                          **_worker_environment(launch_dir, options.num_processes),
+                          **_rendezvous_environment(options)}
             with _environment(worker_env):
                 parsed = parse_args(torchrun_argv)
                 parsed.training_script_args = [*parsed.training_script_args, *args]
@@ -110,6 +131,57 @@ def launch(
                   file=sys.stderr)
             return 128 + int(stopped.sigval)
     return 0
+
+
+def _rendezvous_environment(options: LaunchOptions) -> dict[str, str]:
+    """Under a dynamic rendezvous, rank 0 of each worker group serves a fresh store.
+
+    torchrun's agents otherwise share the first round's store across rounds: a node that
+    joins later waits for an address nobody publishes again, and a group restarted for a
+    membership change (its restart count unchanged) would read the last group's keys.
+    """
+    if options.rdzv_backend in (None, "static") or "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in \
+            os.environ:
+        return {}
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def launch_as_task(
+    world: World, options: LaunchOptions, target: str, args: list[str], *,
+    module: bool = False, training_env: Mapping[str, str] | None = None,
+) -> int:
+    """Run `target` once in this process's place, as rank `world.rank`: srun started one
+    task per rank already. The script sees torchrun's variables (RANK, LOCAL_RANK, ...,
+    MASTER_ADDR), so `accel.init()` and `init_process_group()` work unchanged.
+
+    >>> launch_as_task(detect_world(os.environ), options, "train.py", [])  # in an srun task
+    0
+    """
+    if options.max_restarts:
+        raise IncompatibleOptionsError(
+            f"max_restarts {options.max_restarts} needs torchrun's agent, which srun with "
+            "one task per rank does not run; start one task per node (srun "
+            "--ntasks-per-node=1 accel launch -n GPUS ...) or requeue the job with SLURM")
+    with tempfile.TemporaryDirectory(prefix="accel-launch-") as launch_dir:
+        env = {**os.environ, **(training_env or {}),
+               **_worker_environment(launch_dir, world.local_world_size),
+               **rank_variables(world)}
+        command = [sys.executable, "-u", "-m", WORKER_MODULE, *(["-m"] if module else []),
+                   target, *args]
+        return _exit_code(subprocess.call(command, env=env))
+
+
+def rank_variables(world: World) -> dict[str, str]:
+    """torchrun's variables for one rank of `world`.
+
+    >>> rank_variables(World(rank=1, world_size=2, local_rank=1, local_world_size=2))["RANK"]
+    '1'
+    """
+    values = {"RANK": world.rank, "WORLD_SIZE": world.world_size,
+              "LOCAL_RANK": world.local_rank, "LOCAL_WORLD_SIZE": world.local_world_size,
+              "GROUP_RANK": world.node_rank, "GROUP_WORLD_SIZE": world.num_nodes,
+              "MASTER_ADDR": world.master_addr, "MASTER_PORT": world.master_port}
+    return {name: str(value) for name, value in values.items()}
 
 
 def _worker_environment(launch_dir: str, nproc: int) -> dict[str, str]:
@@ -153,26 +225,12 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "launch", help="run a script on N processes (and M nodes) via torch.distributed.run",
         description="Run a training script on several processes, connected by "
-        "torch.distributed. Precedence: flag > ACCEL_<NAME> variable > config file "
-        "(--config, else $ACCEL_CONFIG_FILE, else ~/.cache/accel/config.toml) > default; "
-        "see docs/configuration.md.",
+        "torch.distributed. Precedence: flag > ACCEL_<NAME> variable > torchrun's "
+        "PET_<NAME> / SLURM variables > config file (--config, else $ACCEL_CONFIG_FILE, "
+        "else ~/.cache/accel/config.toml) > default; see docs/configuration.md.",
+        epilog=aliases.aliases_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-n", "--num-processes", type=int, help="processes per node "
-                        "(default: one per GPU when CUDA is available, else 1)")
-    parser.add_argument("--nnodes", "--num-nodes", dest="num_nodes", type=int,
-                        help="number of nodes (default 1)")
-    parser.add_argument("--node-rank", type=int, help="this node's index, 0..nnodes-1")
-    parser.add_argument("--master-addr", help="address of node 0 (multi-node runs)")
-    parser.add_argument("--master-port", type=int, help="port on node 0 (default: a free "
-                        "port on one node, 29500 across nodes)")
-    parser.add_argument("--rdzv-backend", help="torch elastic rendezvous backend, e.g. c10d")
-    parser.add_argument("--rdzv-endpoint", help="rendezvous HOST:PORT")
-    parser.add_argument("--rdzv-id", help="job id shared by all nodes of one rendezvous")
-    parser.add_argument("--max-restarts", type=int, help="restarts of the worker group on "
-                        "failure (default 0)")
-    parser.add_argument("--config", metavar="FILE", help="TOML file of these options, e.g. "
-                        "num_processes = 2 (write one with `accel config`)")
-    add_training_flags(parser)
+    add_launch_flags(parser)
     parser.add_argument("--allow-unconnected", action="store_true", default=None,
                         help="do not fail ranks that never join the others")
     parser.add_argument("--xla", action="store_true", help="TPU VM (PJRT): run on this host "
@@ -184,22 +242,70 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run_command)
 
 
+def add_launch_flags(parser: argparse.ArgumentParser) -> None:
+    """Where and how many processes, the config file and the training settings, each
+    with its torchrun and Accelerate aliases (accel.cli.aliases)."""
+    add = functools.partial(aliases.add_flag, parser)
+    add("-n", "--num-processes", type=int, help="processes per node "
+        "(default: one per GPU when CUDA is available, else 1)")
+    add("--nnodes", "--num-nodes", dest="num_nodes", type=_node_range,
+        help="number of nodes, or MIN:MAX for an elastic run (default 1)")
+    add("--node-rank", type=int, help="this node's index, 0..nnodes-1")
+    add("--master-addr", help="address of node 0 (multi-node runs)")
+    add("--master-port", type=int, help="port on node 0 (default: a free "
+        "port on one node, 29500 across nodes)")
+    add("--rdzv-backend", help="torch elastic rendezvous backend, e.g. c10d")
+    add("--rdzv-endpoint", help="rendezvous HOST:PORT")
+    add("--rdzv-id", help="job id shared by all nodes of one rendezvous")
+    add("--rdzv-conf", help="rendezvous options KEY=VALUE,... (e.g. join_timeout=600)")
+    add("--max-restarts", type=int, help="restarts of the worker group on "
+        "failure (default 0)")
+    add("--config", metavar="FILE", help="TOML file of these options, e.g. "
+        "num_processes = 2 (write one with `accel config`)")
+    add_training_flags(parser)
+    aliases.add_habit_flags(parser)
+
+
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for the settings passed to the script (read there by `training_settings()`)."""
-    parser.add_argument("--strategy", choices=settings.STRATEGIES,
-                        help="engine for shard_model (default: ddp on 2+ processes)")
-    parser.add_argument("--mixed-precision", choices=settings.PRECISIONS,
-                        help="precision for with_amp (default no)")
-    parser.add_argument("--grad-accum-steps", type=int,
-                        help="micro-batches per optimizer update (default 1)")
-    parser.add_argument("--device", help="device override for accel.init")
-    parser.add_argument("--debug", action="store_true", default=None,
-                        help="check shapes across ranks before collectives")
+    add = functools.partial(aliases.add_flag, parser)
+    add("--strategy", choices=settings.STRATEGIES,
+        help="engine for shard_model (default: ddp on 2+ processes)")
+    add("--mixed-precision", choices=settings.PRECISIONS,
+        help="precision for with_amp (default no)")
+    add("--grad-accum-steps", type=int,
+        help="micro-batches per optimizer update (default 1)")
+    add("--device", help="device override for accel.init")
+    add("--debug", action="store_true", default=None,
+        help="check shapes across ranks before collectives")
 
 
 def command_line_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags (None where a flag was not given)."""
-    return {name: getattr(args, name) for name in settings.BY_NAME if hasattr(args, name)}
+    values = {name: getattr(args, name) for name in settings.BY_NAME if hasattr(args, name)}
+    if isinstance(values.get("num_nodes"), tuple):  # --nnodes N or MIN:MAX
+        values["num_nodes"], values["max_nodes"] = values["num_nodes"]
+    return values
+
+
+def _node_range(text: str) -> tuple[int, int]:
+    try:
+        return schedulers.node_range(text, "--nnodes")
+    except LaunchEnvironmentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def resolve(args: argparse.Namespace, given: Mapping[str, Any]) -> settings.Resolved:
+    """The settings of a launch from the flags `given` (aliases included), ACCEL_*
+    variables and the config file; Accelerate's --num_processes split over the nodes."""
+    aliases.note_no_ops(args)
+    resolved = settings.resolve_settings(given, os.environ, args.config)
+    if getattr(args, "total_processes", None) is not None:
+        per_node = aliases.per_node_count(args.total_processes, resolved["num_nodes"],
+                                        given.get("num_processes"))
+        resolved = settings.resolve_settings({**given, "num_processes": per_node},
+                                             os.environ, args.config)
+    return resolved
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -213,6 +319,21 @@ def run_command(args: argparse.Namespace) -> int:
         from accel.backends.xla import launch_per_device
 
         return launch_per_device(args.target, args.args, module=args.module)
-    resolved = settings.resolve_settings(command_line_settings(args), os.environ, args.config)
+    flags = command_line_settings(args)
+    resolved = resolve(args, flags)
+    training_env = settings.training_environment(resolved)
+    schedulers.check_slurm_launch(os.environ)
+    if schedulers.slurm_mode(os.environ) == "per-rank":
+        _check_no_shape_flags(flags)
+        return launch_as_task(detect_world(os.environ), launch_options(resolved), args.target,
+                              args.args, module=args.module, training_env=training_env)
     return launch(launch_options(resolved), args.target, args.args, module=args.module,
-                  training_env=settings.training_environment(resolved))
+                  training_env=training_env)
+
+
+def _check_no_shape_flags(flags: Mapping[str, Any]) -> None:
+    if (flags.get("num_processes") or 1) > 1:
+        raise IncompatibleOptionsError(
+            f"srun started one task per rank here, so each task runs the script once, but "
+            f"-n {flags['num_processes']} asks for more processes per task; drop -n, or "
+            "start one task per node (srun --ntasks-per-node=1 accel launch -n N ...)")

@@ -48,6 +48,9 @@ class IterableShard(IterableDataset):
         self.rank = rank
         self.even_batches = even_batches
         self.drop_last = drop_last
+        self._head: list[Any] = []      # the stream's first group (to pad the last one)
+        self._resumed_head: list[Any] | None = None
+
 
     def set_epoch(self, epoch: int) -> None:
         if callable(getattr(self.dataset, "set_epoch", None)):
@@ -55,7 +58,9 @@ class IterableShard(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         group_size = self.batch_size * self.world_size
-        head: list[Any] = []
+        # a resumed stream starts after its first group: that group comes from the state
+        head = self._head = [] if self._resumed_head is None else self._resumed_head
+        self._resumed_head = None
         group: list[Any] = []
         for item in self.dataset:
             if len(head) < group_size:
@@ -78,6 +83,26 @@ class IterableShard(IterableDataset):
             group[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         for item in mine:
             yield item, padding
+
+
+class StatefulShard(IterableShard):
+    """An `IterableShard` of a dataset that keeps its position: it saves and restores it
+    (torchdata's Stateful protocol, so a StatefulDataLoader's workers do too)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the dataset is (its own state) and the stream's first group, for padding.
+
+        Taken between groups (after a batch of this rank); see `accel.data.stateful`.
+        """
+        state: dict[str, Any] = {"source": self.dataset.state_dict()}
+        if self.even_batches and not self.drop_last and self.world_size > 1:
+            state["head"] = list(self._head)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the stream where `state_dict` was taken (the next iteration)."""
+        self.dataset.load_state_dict(state["source"])
+        self._resumed_head = list(state.get("head", []))
 
 
 class PaddedBatch:

@@ -67,6 +67,8 @@ class DistributedLoader:
         self._feed = feed
         #: cuts each batch to this rank's part of every sequence (accel.context_parallel).
         self._cut = cut
+        #: the source's own state after the batch last handed out (accel.data.stateful)
+        self._source_state: Any = None
 
     # ------------------------------------------------------------------ facts
 
@@ -148,9 +150,12 @@ class DistributedLoader:
         stream = self._plan.iterate(epoch, skip)
         if self._feed is not None:
             stream = self._feed(stream)
+        source = getattr(self._plan, "stream_state", None)
         upcoming = self._fetch(stream)
         while upcoming is not _END:
             batch, padding = upcoming
+            # before the look-ahead reads on: the source's position right after `batch`
+            state = source.take() if source is not None and source.available else None
             upcoming = self._fetch(stream)
             if generation != self._generation:
                 return  # a newer iteration owns the state now
@@ -158,6 +163,7 @@ class DistributedLoader:
             if padding is None:
                 padding = self._plan.final_padding() if last else 0
             self._position += 1
+            self._source_state = state
             self._is_last = self._epoch_done = last
             self._batch_padding = padding
             if last:
@@ -207,28 +213,46 @@ class DistributedLoader:
 
         Taken while you hold the last batch of an epoch, it points at the next epoch.
         Resuming from it is exact for map-style datasets (the order is a pure function of
-        seed and epoch; skipped batches are not read) and for iterable ones whose stream
-        is a pure function of `set_epoch` and the worker count (skipped batches are read
-        again and dropped). Random augmentations are not part of it: restore the RNG
-        states with your checkpoint (workers get seeds from seed, epoch and rank, but
-        after a skip a map-style batch may land on another worker).
+        seed and epoch; skipped batches are not read), for iterable ones that keep their
+        own position (a `datasets` stream, a torchdata Stateful dataset or
+        StatefulDataLoader: their state after the batch last handed out is saved as
+        "source", and the stream continues there, reading nothing twice; see
+        `accel.data.stateful`) and for iterable ones whose stream is a pure function of
+        `set_epoch` and the worker count (skipped batches are read again and dropped).
+        Random augmentations are not part of it: restore the RNG states with your
+        checkpoint (workers get seeds from seed, epoch and rank, but after a skip a
+        map-style batch may land on another worker).
         """
         epoch, position = self._epoch, self._position
         if self._epoch_done:
             epoch, position = epoch + 1, 0
-        return {"epoch": epoch, "batches_yielded": position, "seed": self.seed,
-                "world_size": self.world_size, "layout": self._layout()}
+        state = {"epoch": epoch, "batches_yielded": position, "seed": self.seed,
+                 "world_size": self.world_size, "layout": self._layout(),
+                 "source_layout": self._source_layout()}
+        if position and self._source_state is not None:  # mid-epoch: the stream's own
+            state["source"] = self._source_state
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the position `state_dict` saved: the next iteration continues it.
 
+        A state saved by another number of ranks reshards (map-style datasets without
+        dispatch_batches): the batches the saving world consumed are shared out anew, so
+        the resumed run reads the samples an unchanged world would have read next. With
+        split_batches the position counts global batches and always carries over;
+        otherwise the consumed batches must divide by the new world size.
+
         Raises:
-            IncompatibleOptionsError: the state comes from a loader with another seed,
-                world size or batch layout (its positions would mean other samples).
+            IncompatibleOptionsError: the state comes from a loader with another seed or
+                batch layout (its positions would mean other samples), or from another
+                world size that this loader cannot reshard to exactly.
         """
         from accel.errors import IncompatibleOptionsError
 
+        saved_world = state.get("world_size", self.world_size)
         mine = {"seed": self.seed, "world_size": self.world_size, "layout": self._layout()}
+        if saved_world != self.world_size:
+            mine = {"seed": self.seed, "source_layout": self._source_layout()}
         for key, value in mine.items():
             if key in state and state[key] != value:
                 raise IncompatibleOptionsError(
@@ -236,10 +260,51 @@ class DistributedLoader:
                     f"{key}={value!r}; rebuild it with distribute_loader using the same "
                     "seed, options and world size to resume exactly"
                 )
+        position = int(state["batches_yielded"])
+        if saved_world != self.world_size:
+            position = self._resharded_position(state, saved_world, position)
         self._generation += 1  # an iteration in progress no longer moves the position
         self._epoch = int(state["epoch"])
-        self._pending_skip = self._position = int(state["batches_yielded"])
+        self._pending_skip = self._position = position
         self._epoch_done = self._is_last = False
+        source = getattr(self._plan, "stream_state", None)
+        if "source" in state and source is not None and source.available:
+            source.restore(state["source"])  # the stream continues there: nothing re-read
+        self._source_state = state.get("source")
+
+    def _resharded_position(self, state: dict[str, Any], saved_world: int,
+                            position: int) -> int:
+        """This rank's position after `position` batches on each of `saved_world` ranks."""
+        from torch.utils.data import IterableDataset
+
+        from accel.errors import IncompatibleOptionsError
+
+        if ("source_layout" not in state or self.dispatch_batches
+                or isinstance(self.dataset, IterableDataset)):
+            raise IncompatibleOptionsError(
+                f"the loader state was saved by {saved_world} ranks and this world has "
+                f"{self.world_size}: only a map-style loader without dispatch_batches, saved "
+                "by this version of accel, reshards; load with loader=None and position the "
+                "loader yourself (skip_first_batches)")
+        if self.split_batches:
+            return position  # each rank took its slice of every global batch
+        consumed = position * saved_world  # round-robin: every rank read `position` batches
+        if consumed % self.world_size:
+            raise IncompatibleOptionsError(
+                f"the loader state was saved after {consumed} batches of epoch "
+                f"{state['epoch']}, which {self.world_size} ranks cannot share evenly; "
+                "resume on a world size that divides it, or use split_batches=True (a "
+                "fixed global batch, which reshards at any step)")
+        return consumed // self.world_size
+
+    def _source_layout(self) -> str:
+        """The layout independent of the world size: the DataLoader's own batch size."""
+        mode = "dispatch" if self.dispatch_batches else "shard"
+        size = self.batch_size
+        if size is not None and self.split_batches:
+            size *= self.world_size
+        return (f"{mode},loader_batch_size={size},split_batches={self.split_batches},"
+                f"even_batches={self.even_batches}")
 
     def _layout(self) -> str:
         mode = "dispatch" if self.dispatch_batches else "shard"

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from accel.data.iterable import IterableShard, PaddingAwareCollate
+from accel.data.iterable import IterableShard, PaddingAwareCollate, StatefulShard
 from accel.data.iterable import iterable_batches_per_rank as _iterable_counts
 from accel.data.samplers import RESEEDABLE_SAMPLERS, SeededSampler, ShardedBatchSampler, mix_seed
+from accel.data.stateful import SourceState, is_stateful, loader_options, stateful_loader
 
 
 def rebuild_loader(loader: DataLoader, loader_class: type[DataLoader] = DataLoader,
@@ -115,8 +116,10 @@ class MapShardPlan:
 class IterableShardPlan:
     """Rank `rank`'s batches of an iterable-dataset loader: an IterableShard underneath.
 
-    A resumed epoch re-reads the stream and drops the batches already seen, so it is exact
-    when the stream is a pure function of the epoch (`set_epoch`) and the worker count.
+    A resumed epoch continues from the source's own saved state where it keeps one (see
+    `accel.data.stateful`); otherwise it re-reads the stream and drops the batches
+    already seen, exact when the stream is a pure function of the epoch (`set_epoch`)
+    and the worker count.
     """
 
     def __init__(self, loader: DataLoader, world_size: int, rank: int | None, *, seed: int,
@@ -128,19 +131,28 @@ class IterableShardPlan:
         self.even_batches = even_batches
         self.drop_last = loader.drop_last
         self.dataset = loader.dataset
-        self.shard = IterableShard(loader.dataset, batch_size=batch_size, world_size=world_size,
-                                   rank=rank, even_batches=even_batches,
-                                   drop_last=loader.drop_last)
+        shard = StatefulShard if is_stateful(loader.dataset) else IterableShard
+        self.shard = shard(loader.dataset, batch_size=batch_size, world_size=world_size,
+                           rank=rank, even_batches=even_batches, drop_last=loader.drop_last)
         step_batch = loader.batch_size if rank is None and split_batches else batch_size
+        keeps_state = stateful_loader(loader)
         self.dataloader = rebuild_loader(
-            loader, dataset=self.shard, batch_size=step_batch, drop_last=False,
-            collate_fn=PaddingAwareCollate(loader.collate_fn))
+            loader, type(loader) if keeps_state else DataLoader, dataset=self.shard,
+            batch_size=step_batch, drop_last=False,
+            collate_fn=PaddingAwareCollate(loader.collate_fn),
+            **(loader_options(loader) if keeps_state else {}))
+        holder = self.dataloader if keeps_state else (
+            self.shard if is_stateful(loader.dataset) and loader.num_workers == 0 else None)
+        #: the source's own position, when it keeps one (a resume then reads no batch twice)
+        self.stream_state = SourceState(holder)
         self._single_stream = loader.num_workers <= 1
         self._setup = EpochSetup(self.dataloader, loader.dataset, seed, rank or 0,
                                  loader.generator)
 
     def iterate(self, epoch: int, skip: int) -> Iterator[tuple[Any, int | None]]:
         self._setup(epoch)
+        if self.stream_state.apply():  # continues where the saved state was taken
+            skip = 0
         batches = itertools.islice(iter(self.dataloader), skip, None)
         return ((item.batch, item.padding) for item in batches)
 

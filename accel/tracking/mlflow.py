@@ -1,16 +1,22 @@
 """MLflow tracker: a local SQLite store by default, never a server unless you name one.
 
 Uses an `MlflowClient` bound to an explicit tracking URI (no global `mlflow.set_tracking_uri`,
-no "active run"), so two trackers in one process never interfere. Defaults:
-- store: `sqlite:///PROJECT_DIR/mlflow.db` (browse with `mlflow ui --backend-store-uri ...`);
-  MLflow 3 refuses the old `./mlruns` file store unless MLFLOW_ALLOW_FILE_STORE=true.
-- artifacts (images, tables): `PROJECT_DIR/mlartifacts`.
-- experiment: the project folder's name; run name: the run's name.
+no "active run"), so two trackers in one process never interfere. Each setting is, in
+order: the argument (`options={"mlflow": {...}}`), MLflow's own variable, accel's default:
+- store: `tracking_uri`, `$MLFLOW_TRACKING_URI`, `sqlite:///PROJECT_DIR/mlflow.db` (browse
+  with `mlflow ui --backend-store-uri ...`); MLflow 3 refuses the old `./mlruns` file
+  store unless MLFLOW_ALLOW_FILE_STORE=true.
+- experiment: `experiment`, `$MLFLOW_EXPERIMENT_NAME`, the project folder's name.
+- artifacts (images, tables) of a new experiment: `artifact_location`, else
+  `PROJECT_DIR/mlartifacts` with the default store (a store named by `$MLFLOW_TRACKING_URI`
+  decides where its artifacts go).
+- run name: the run's name.
 The first run in a new SQLite file creates MLflow's tables, which takes a few seconds.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,9 +38,12 @@ class MLflowTracker:
     Args:
         project_dir: where the default SQLite store and artifacts live.
         run_name: the MLflow run's name.
-        tracking_uri: any MLflow store URI; default `sqlite:///project_dir/mlflow.db`.
-        experiment: experiment name; default the project folder's name.
-        artifact_location: for a new experiment; default `project_dir/mlartifacts`.
+        tracking_uri: any MLflow store URI; default `$MLFLOW_TRACKING_URI`, else
+            `sqlite:///project_dir/mlflow.db`.
+        experiment: experiment name; default `$MLFLOW_EXPERIMENT_NAME`, else the project
+            folder's name.
+        artifact_location: for a new experiment; default `project_dir/mlartifacts` with
+            accel's default store, the store's own choice with `$MLFLOW_TRACKING_URI`.
 
     Once started, `tracker.client` is the `MlflowClient` and `tracker.run_id` the run.
 
@@ -50,9 +59,13 @@ class MLflowTracker:
         project_dir = Path(project_dir).absolute()
         self.project_dir = project_dir
         self.run_name = run_name
-        self.tracking_uri = tracking_uri or f"sqlite:///{project_dir / 'mlflow.db'}"
-        self.experiment = experiment or project_dir.name
-        self.artifact_location = artifact_location or (project_dir / "mlartifacts").as_uri()
+        from_env = os.environ.get("MLFLOW_TRACKING_URI") or None
+        self.tracking_uri = (tracking_uri or from_env
+                             or f"sqlite:///{project_dir / 'mlflow.db'}")
+        self.experiment = (experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                           or project_dir.name)
+        default_location = None if from_env else (project_dir / "mlartifacts").as_uri()
+        self.artifact_location = artifact_location or default_location
         self.client: Any = None
         self.run_id: str | None = None
 
@@ -60,8 +73,8 @@ class MLflowTracker:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        if self.tracking_uri.startswith("sqlite:"):
-            self.project_dir.mkdir(parents=True, exist_ok=True)
+        if self.tracking_uri.startswith("sqlite:///"):  # SQLite creates the file, not its folder
+            Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=self.tracking_uri)
         found = client.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found is not None else client.create_experiment(

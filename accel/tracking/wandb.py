@@ -1,13 +1,16 @@
 """Weights & Biases tracker, offline by default: the run is written under RUN_DIR/wandb.
 
 Upload it later with `wandb sync RUN_DIR/wandb/offline-run-*`, or pass mode="online"
-(options={"wandb": {"mode": "online"}}) to stream it. W&B also keeps logs and artifact
-staging under its own folders (WANDB_CACHE_DIR, WANDB_DATA_DIR; ~/.cache/wandb and
-~/.local/share/wandb by default).
+(options={"wandb": {"mode": "online"}}) to stream it. W&B's own variables win over these
+defaults (an argument wins over both): `WANDB_MODE` (online, offline, disabled) over
+offline, `WANDB_DIR` over RUN_DIR, `WANDB_PROJECT` over the project folder's name; W&B
+reads them itself. W&B also keeps logs and artifact staging under its own folders
+(WANDB_CACHE_DIR, WANDB_DATA_DIR; ~/.cache/wandb and ~/.local/share/wandb by default).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +20,20 @@ import numpy as np
 from accel.errors import InvalidArgumentError
 from accel.tracking.base import require
 
+#: wandb.init's arguments that W&B also reads from its own variables.
+_OWN_VARIABLES = {"mode": "WANDB_MODE", "dir": "WANDB_DIR", "project": "WANDB_PROJECT"}
+
 
 class WandbTracker:
     """Log to a W&B run started with `wandb.init(mode="offline", dir=run_dir, ...)`.
 
     Args:
-        run_dir: the run's folder; W&B writes `run_dir/wandb/offline-run-*`.
+        run_dir: the run's folder; W&B writes `run_dir/wandb/offline-run-*` (default:
+            `$WANDB_DIR` when set).
         run_name: the W&B run's display name.
-        project: the W&B project; default the project folder's name.
-        init_kwargs: passed to `wandb.init` (mode, entity, tags, settings, ...).
+        project: the W&B project; default `$WANDB_PROJECT`, else the project folder's name.
+        init_kwargs: passed to `wandb.init` (mode, entity, tags, settings, ...); mode
+            defaults to `$WANDB_MODE`, else "offline".
 
     Once started, `tracker.run` is the `wandb.Run` (for wandb.Histogram, alerts, ...).
     W&B drops values logged at a step below the last one, so this tracker refuses them.
@@ -41,16 +49,22 @@ class WandbTracker:
         require("wandb", "wandb", "the wandb tracker")
         self.run_dir = Path(run_dir).absolute()
         self.run_name = run_name
-        self.project = project or self.run_dir.parent.name
-        self.init_kwargs = {"mode": "offline", **init_kwargs}
+        # accel's defaults, for what W&B's own variables leave unset: wandb.init reads those.
+        defaults = {"mode": "offline", "dir": str(self.run_dir),
+                    "project": self.run_dir.parent.name}
+        unset = {name: value for name, value in defaults.items()
+                 if not os.environ.get(_OWN_VARIABLES[name])}
+        self.init_kwargs = {**unset, **({"project": project} if project else {}),
+                            **init_kwargs}
         self.run: Any = None
         self._last_step = -1
 
     def start(self, config: Mapping[str, Any] | None) -> None:
         import wandb
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(dir=str(self.run_dir), project=self.project, name=self.run_name,
+        if "dir" in self.init_kwargs:
+            Path(self.init_kwargs["dir"]).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(name=self.run_name,
                               config=dict(config) if config is not None else None,
                               **self.init_kwargs)
 

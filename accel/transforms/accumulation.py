@@ -11,17 +11,25 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from accel.backends import backend_for
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError
+from accel.launch_settings import pick
 from accel.transforms.optim import AccelOptimizer
 from accel.validation import check_bool, check_context, check_module
 
 
 class GradientAccumulation:
-    """The micro-step counter of one (model, optimizer, loader) triple."""
+    """The micro-step counter of one (model, optimizer, loader) triple.
+
+    Whether a micro-batch ends its cycle (`is_boundary`, the optimizer's
+    `sync_gradients`) is decided at its first forward (with gradients enabled) and holds
+    until the next micro-batch's first forward: it reads the same before and after
+    `optimizer.step()`, as Accelerate's `sync_gradients` does in its `accumulate` block.
+    """
 
     def __init__(self, steps: int, model: nn.Module, loader: Any, sync_each_batch: bool,
                  backend: Any):
@@ -31,21 +39,36 @@ class GradientAccumulation:
         self.loader = loader
         self.sync_each_batch = sync_each_batch
         self._backend = backend
+        #: the current micro-batch's answer, fixed at its first forward; None: no forward yet.
+        self._latched: bool | None = None
+        #: step() counted the latched micro-batch: the next forward starts a new one.
+        self._stepped = False
         self._handle = model.register_forward_pre_hook(self._before_forward)
 
-    @property
-    def is_boundary(self) -> bool:
-        """Whether the current micro-step is the last of its cycle (or of the epoch)."""
+    def _ends_cycle(self) -> bool:
         last_batch = self.loader is not None and self.loader.is_last_batch
         return self.micro_step + 1 >= self.steps or last_batch
 
+    @property
+    def is_boundary(self) -> bool:
+        """Whether the current micro-batch is the last of its cycle (or of the epoch):
+        fixed from its first forward until the next micro-batch's first forward."""
+        return self._ends_cycle() if self._latched is None else self._latched
+
     def advance(self) -> bool:
         """Count one micro-step; True (and a new cycle) when it was a boundary."""
-        boundary = self.is_boundary
+        if self._latched is None or self._stepped:  # a step without a forward since
+            self._latched = self._ends_cycle()
+        boundary = self._latched
         self.micro_step = 0 if boundary else self.micro_step + 1
+        self._stepped = True
         return boundary
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
+        # A forward without gradients (evaluation between epochs) starts no micro-batch:
+        # the loader may still stand at the last epoch's end.
+        if torch.is_grad_enabled() and (self._latched is None or self._stepped):
+            self._latched, self._stepped = self._ends_cycle(), False
         # The switch decides for the backward of the forward that follows (the engines
         # carry it to that backward); inside no_sync, its own hook runs after this one and
         # switches sync off again.
@@ -56,6 +79,7 @@ class GradientAccumulation:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.micro_step = int(state["micro_step"])
+        self._latched, self._stepped = None, False
 
     def remove(self) -> None:
         """Detach from the model (the forward hook) and the optimizer."""
@@ -67,7 +91,7 @@ def accumulate_grads(
     optimizer: AccelOptimizer,
     ctx: Context,
     *,
-    steps: int,
+    steps: int | None = None,
     loader: Any = None,
     sync_each_batch: bool = False,
 ) -> tuple[nn.Module, AccelOptimizer, Context]:
@@ -82,22 +106,29 @@ def accumulate_grads(
     Call `accel.backward`, `optimizer.step()` and `optimizer.zero_grad()` on every
     micro-batch as usual: the loss is divided by `steps`, gradients are synchronised only
     on the last micro-batch of each cycle, and step/zero_grad act only there.
+    `optimizer.sync_gradients` says whether the current micro-batch is that last one:
+    decided at its first forward, it reads the same before and after `optimizer.step()`
+    and changes at the next micro-batch's first forward.
 
     Args:
-        steps: micro-batches per optimizer update.
+        steps: micro-batches per optimizer update. None (the default): the launch's
+            `--grad-accum-steps` (`ctx.settings.grad_accum_steps`), else 1. A value that
+            contradicts a launch setting wins, with a warning naming both.
         loader: the loader from `distribute_loader`; its last batch ends a cycle early.
         sync_each_batch: synchronise gradients on every micro-batch (less memory for
             sharded engines, more communication).
 
     >>> model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx, steps=4)
+    >>> model, optimizer, ctx = accel.accumulate_grads(model, optimizer, ctx)  # the launch's
     """
     check_module("accumulate_grads", "model", model)
     check_context("accumulate_grads", ctx)
     check_bool("accumulate_grads", "sync_each_batch", sync_each_batch)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool)
+                              or steps < 1):
         raise IncompatibleOptionsError(
-            f"steps must be a positive integer (micro-batches per optimizer update), got "
-            f"{steps!r}; pass e.g. steps=4"
+            f"steps must be a positive integer (micro-batches per optimizer update) or None "
+            f"(the launch's --grad-accum-steps), got {steps!r}; pass e.g. steps=4"
         )
     if not isinstance(optimizer, AccelOptimizer):
         raise TransformOrderError("accumulate_grads needs the optimizer from wrap_optimizer; "
@@ -109,6 +140,8 @@ def accumulate_grads(
             "loader must be the loader returned by accel.distribute_loader (it tells "
             "accumulate_grads where the epoch ends)"
         )
+    steps = pick(ctx.settings, "grad_accum_steps", steps, ctx.settings.grad_accum_steps,
+                 "accumulate_grads(steps=...)", warn=ctx.is_main_process)
     backend = backend_for(ctx)
     backend.set_grad_sync(model, True)  # the state between cycles; rejects a wrong model early
     optimizer.accumulation = GradientAccumulation(steps, model, loader, sync_each_batch, backend)

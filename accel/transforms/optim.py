@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from accel.backends import backend_for
+from accel.backends import _master_weights, backend_for
 from accel.backends._optimizer import AccelOptimizer
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError
+from accel.launch_settings import without_unapplied_precision
 from accel.validation import check_context, check_module, check_number, check_type, fail
 
 
@@ -26,6 +27,8 @@ def wrap_optimizer(
 
     Under fp16 it holds a `torch.amp.GradScaler` for ctx.device (pass `scaler` to choose
     its settings). Works whether the optimizer was built before or after `shard_model`.
+    After `with_amp(..., params="bf16", master_weights=True)` it steps fp32 copies of the
+    bf16 parameters (kept in its state, so checkpoints carry them; not with DTensors).
 
     (in place) Returns a new AccelOptimizer around yours, sharing its param groups and
     state. Under FSDP and XLA an optimizer built before shard_model is repointed where it
@@ -44,6 +47,7 @@ def wrap_optimizer(
     check_context("wrap_optimizer", ctx)
     check_type("wrap_optimizer", "scaler", scaler, torch.amp.GradScaler,
                "a torch.amp.GradScaler (or None)", optional=True)
+    ctx = without_unapplied_precision(ctx, "wrap_optimizer")
     if ctx.precision == "fp16" and scaler is None:
         scaler = torch.amp.GradScaler(ctx.device.type)
     elif ctx.precision != "fp16" and scaler is not None:
@@ -57,6 +61,8 @@ def wrap_optimizer(
             "gradient: apply shard_model(model, ctx, strategy=accel.FSDP()) before "
             "wrap_optimizer, so the parts are summed")
     wrapped = backend_for(ctx).wrap_optimizer(AccelOptimizer(optimizer, scaler), ctx)
+    if _master_weights.wanted(ctx):  # with_amp(params="bf16", master_weights=True)
+        _master_weights.attach(wrapped)
     return wrapped, ctx.record(f"wrap_optimizer({type(optimizer).__name__})")
 
 

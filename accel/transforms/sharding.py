@@ -20,6 +20,8 @@ from accel.backends import (
 )
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError
+from accel.launch_settings import pick, without_unapplied_precision
+from accel.transforms.settings import launch_strategy
 from accel.validation import check_context, check_module
 
 
@@ -41,12 +43,16 @@ def shard_model(
     Args:
         strategy: a name ("single", "ddp", "fsdp", "deepspeed", "xla"), a config object
             (accel.DDP(...), accel.FSDP(...)), accel.Custom(parallelize_fn), your own
-            `accel.Strategy`, or None for XLA() on an XLA device, DDP when the world has
-            several processes and a plain placement otherwise.
+            `accel.Strategy`, or None: the launch's `--strategy` (with its engine's
+            options from the config file; `ctx.settings.strategy`), else XLA() on an XLA
+            device, DDP when the world has several processes and a plain placement
+            otherwise. A strategy of another engine than the launch's wins, with a
+            warning naming both.
 
     Parameter names of the user's module do not change; `unwrap_model` returns it.
 
-    >>> model, ctx = accel.shard_model(model, ctx, strategy="ddp")
+    >>> model, ctx = accel.shard_model(model, ctx)                  # the launch's strategy
+    >>> model, ctx = accel.shard_model(model, ctx, strategy="ddp")  # DDP whatever the launch
     """
     check_module("shard_model", "model", model)
     check_context("shard_model", ctx)
@@ -54,7 +60,12 @@ def shard_model(
         raise TransformOrderError(
             "shard_model was already applied to this Context; apply it once, after with_amp"
         )
-    config = resolve_strategy(strategy, ctx)
+    ctx = without_unapplied_precision(ctx, "shard_model")
+    config = resolve_strategy(strategy, ctx) if strategy is not None else None
+    if config is not None:  # only the engine is compared: options have no launch flag
+        pick(ctx.settings, "strategy", config.name, ctx.settings.strategy,
+             "shard_model(strategy=...)", warn=ctx.is_main_process)
+    config = config or launch_strategy(ctx.settings) or resolve_strategy(None, ctx)
     # An engine may replace the parameters an already wrapped optimizer holds.
     if ctx.was_applied("wrap_optimizer") and KEEPS_PARAMETERS not in config.capabilities:
         raise TransformOrderError(
@@ -66,9 +77,12 @@ def shard_model(
             f"shard_model({config.name}) does not reduce gradients over the cp ranks of "
             "accel.context_parallel; use strategy=accel.FSDP(), which shards over dp_shard x cp"
         )
-    wrapped = config.wrap_model(model, ctx)
+    # A strategy an earlier transform recorded (pipeline_parallel's) runs this one inside.
+    around = getattr(ctx.strategy, "around", None)
+    engine = around(config) if callable(around) else config
+    wrapped = engine.wrap_model(model, ctx)
     return wrapped, ctx.record(f"shard_model({_describe(config)})",
-                               backend=config.name, strategy=config)
+                               backend=config.name, strategy=engine)
 
 
 def _describe(config: Any) -> str:

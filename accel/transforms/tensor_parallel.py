@@ -83,7 +83,8 @@ def tensor_parallel(
             "your own plan, put SequenceParallel / loss layouts in it and drop the flags")
     resolved = expand_plan(model, plan)
     check_head_counts(model, ctx.tp_size)
-    model.to(ctx.device)
+    if not any(p.is_meta for p in model.parameters()):  # meta: load_pretrained allocates it
+        model.to(ctx.device)
     sync_from_rank0(model, ctx)  # every rank cuts its shard from the same tensor
     parallelize_module(model, ctx.mesh["tp"], resolved)
     if loss_parallel:  # a loss computed inside forward (labels=...) sees sharded logits
@@ -141,19 +142,27 @@ def loss_parallel(ctx: Context) -> contextlib.AbstractContextManager[None]:
 
 
 def _check_order(model: nn.Module, ctx: Context) -> None:
-    if ctx.tp_size < 2:
+    check_mesh_transform("tensor_parallel", "tp", "layers it shards", model, ctx)
+
+
+def check_mesh_transform(function: str, dimension: str, holds: str, model: nn.Module,
+                         ctx: Context) -> None:
+    """`function` cuts the model over mesh `dimension`: it is there, and the transform comes
+    once, before the engine and the optimizer, to a plain model (`holds`: what it cuts)."""
+    if ctx.layout.size(dimension) < 2:
         raise IncompatibleOptionsError(
-            f"tensor_parallel needs a 'tp' dimension of 2 or more in the mesh, but the "
-            f"Context's mesh is {ctx.layout}; start with accel.init(mesh={{'tp': 2, ...}})")
-    for later in ("tensor_parallel", "shard_model", "wrap_optimizer"):
+            f"{function} needs a '{dimension}' dimension of 2 or more in the mesh, but the "
+            f"Context's mesh is {ctx.layout}; start with "
+            f"accel.init(mesh={{'{dimension}': 2, ...}})")
+    for later in (function, "shard_model", "wrap_optimizer"):
         if ctx.was_applied(later):
             raise TransformOrderError(
-                f"tensor_parallel must come before {later} (once, after with_amp): the "
-                "layers it shards are what the engine and the optimizer hold")
+                f"{function} must come before {later} (once, after with_amp): the "
+                f"{holds} are what the engine and the optimizer hold")
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise TransformOrderError(
             "this model's parameters are already DTensors: it was parallelised before; "
-            "apply tensor_parallel once, to a plain model")
+            f"apply {function} once, to a plain model")
 
 
 def expand_plan(model: nn.Module, plan: Mapping[str, ParallelStyle]) -> dict[str, Any]:

@@ -25,11 +25,12 @@ LOSS_TOLERANCE = 2e-3
 PARAM_TOLERANCE = 1e-5
 
 
-def run(args: list[str], *, xla_devices: int | None) -> str:
-    """Run `python args` with PJRT's CPU device (xla_devices of them), or without XLA."""
+def run(args: list[str], *, xla_devices: int | None, settings: dict | None = None) -> str:
+    """Run `python args` with PJRT's CPU device (xla_devices of them), or without XLA;
+    `settings`: ACCEL_* variables, as `accel launch` would pass them."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES", "XLA_USE_SPMD")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(settings or {}))
     if xla_devices is not None:
         env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(xla_devices))
     done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
@@ -45,8 +46,8 @@ def epochs(output: str) -> list[tuple[float, float]]:
 
 
 def test_tutorial_02_runs_unchanged_on_xla_and_matches_cpu_eager():
-    on_xla = run([str(TUTORIAL), "--precision", "no"], xla_devices=1)
-    eager = run([str(TUTORIAL), "--precision", "no"], xla_devices=None)
+    on_xla = run([str(TUTORIAL)], xla_devices=1)  # no launch setting: fp32
+    eager = run([str(TUTORIAL)], xla_devices=None)
     assert "device=xla:0" in on_xla and "backend=xla" in on_xla
     assert "device=cpu" in eager
     xla_epochs, eager_epochs = epochs(on_xla), epochs(eager)
@@ -57,7 +58,7 @@ def test_tutorial_02_runs_unchanged_on_xla_and_matches_cpu_eager():
 
 
 def test_tutorial_02_learns_in_bf16_on_xla():
-    output = run([str(TUTORIAL)], xla_devices=1)  # the tutorial's default: bf16 autocast
+    output = run([str(TUTORIAL)], xla_devices=1, settings={"ACCEL_MIXED_PRECISION": "bf16"})
     assert "with_amp(bf16)" in output and "device=xla:0" in output
     found = epochs(output)
     assert found[-1][0] < found[0][0] and found[-1][1] > 0.9

@@ -19,6 +19,7 @@ import attrs
 
 from accel.backends import COLLECTIVE_BACKWARD, ENGINE_HOLDS_WEIGHTS, BuiltinStrategy
 from accel.errors import IncompatibleOptionsError, InvalidOptionError, UnsupportedError
+from accel.launch_settings import Setting
 from accel.validation import check_bool, check_type, option_validator, shown
 
 AUTO = "auto"
@@ -253,6 +254,18 @@ class DeepSpeed(BuiltinStrategy):
     """
 
     capabilities = frozenset({COLLECTIVE_BACKWARD, ENGINE_HOLDS_WEIGHTS})
+    #: the options `accel config` asks and `accel launch` passes (`[deepspeed]` in a file).
+    settings = (
+        Setting("deepspeed_stage", int, None, "ZeRO stage 1, 2 or 3", training=True,
+                choices=(1, 2, 3), section="deepspeed",
+                question="DeepSpeed ZeRO stage (1/2/3)", ask_default=2),
+        Setting("deepspeed_offload_optimizer", bool, None, "optimizer state on the CPU",
+                training=True, section="deepspeed",
+                question="Offload optimizer state to the CPU", ask_default=False),
+        Setting("deepspeed_offload_params", bool, None, "parameters on the CPU (stage 3)",
+                training=True, section="deepspeed", question="Offload parameters to the CPU",
+                ask_default=False, asked_if=lambda answers: answers["deepspeed_stage"] == 3),
+    )
     stage: int | None = attrs.field(default=None, validator=_check_deepspeed_stage)
     offload_optimizer: bool | None = attrs.field(default=None, validator=_offload_flag)
     offload_params: bool | None = attrs.field(default=None, validator=_offload_flag)

@@ -359,7 +359,11 @@ def deepspeed_init(ctx: Context, strategy: Any = None, *,
     """Build a model too large for one rank: parameters are partitioned as they are created.
 
     DeepSpeed's ZeRO-3 `zero.Init`: each parameter is split across the ranks the moment
-    its module is constructed, so no rank ever holds the whole model.
+    its module is constructed, so no rank ever holds the whole model. Fill it with
+    `accel.load_pretrained` (each rank reads its own partitions), or call transformers'
+    `from_pretrained` inside the block: accel registers the ZeRO-3 config with
+    transformers as its own DeepSpeed integration does (without `accelerate`), and
+    transformers loads through rank 0 module by module.
 
     Args:
         strategy: the accel.DeepSpeed(stage=3, ...) that shard_model will get.
@@ -368,6 +372,7 @@ def deepspeed_init(ctx: Context, strategy: Any = None, *,
 
     >>> with accel.deepspeed_init(ctx, accel.DeepSpeed(stage=3), precision="bf16"):
     ...     model = BigModel()
+    ...     llama = LlamaForCausalLM.from_pretrained("llama/", dtype=torch.bfloat16)
     >>> model, ctx = accel.with_amp(model, ctx, dtype="bf16")
     """
     from accel.backends.deepspeed.config import DeepSpeed
@@ -394,5 +399,9 @@ def deepspeed_init(ctx: Context, strategy: Any = None, *,
     config.setdefault("train_micro_batch_size_per_gpu", 1)
     # The dtype comes from the config's bf16/fp16 sections: DeepSpeed 0.19 ignores an
     # explicit dtype=torch.float32 on a CPU without fp16 (and picks bf16).
-    with deepspeed.zero.Init(config_dict_or_path=config):
+    from accel.backends.deepspeed.hf_zero3 import registered_with_transformers
+
+    # transformers' from_pretrained inside the block sees ZeRO-3 (see hf_zero3); registered
+    # first: what it imports must not run under zero.Init's patched tensor constructors.
+    with registered_with_transformers(config), deepspeed.zero.Init(config_dict_or_path=config):
         yield
