@@ -121,14 +121,17 @@ def test_tp2_x_hsdp_2x2_on_eight_ranks_matches_one_process():
 
 def gpt2_tp(ctx: accel.Context) -> dict:
     strategy = accel.FSDP() if ctx.dp_size > 1 else None
-    return train(ctx, layers=2, tp={}, strategy=strategy, build=gpt2)
+    return {"tp": train(ctx, layers=2, tp={}, strategy=strategy, build=gpt2),
+            "tp+sp+lp": train(ctx, layers=2, tp=SP_LP, strategy=strategy, build=gpt2)}
 
 
 @pytest.mark.parametrize(("mesh", "world"), [({"tp": 2}, 2), ({"dp_shard": 2, "tp": 2}, 4)],
                          ids=["tp2", "tp2 x fsdp2"])
-def test_gpt2_auto_plan_shards_fused_qkv_and_matches_one_process(mesh, world):
+def test_gpt2_auto_plan_with_sequence_and_loss_parallel_matches_one_process(mesh, world):
     ranks = run_world(gpt2_tp, world, mesh=mesh, timeout=300)
-    assert_close(ranks, reference(dp_size=world // 2, layers=2, build=gpt2), f"gpt2 {mesh}")
+    expected = reference(dp_size=world // 2, layers=2, build=gpt2)
+    for variant in ("tp", "tp+sp+lp"):
+        assert_close([rank[variant] for rank in ranks], expected, f"gpt2 {variant} {mesh}")
 
 
 # --------------------------------------------------------------------------- errors
@@ -154,7 +157,12 @@ def refusals(ctx: accel.Context) -> list[str]:
             "model.layers.*.mlp.*_proj": ColwiseParallel(),
             "model.layers.0.mlp.down_proj": RowwiseParallel()})),
         message(lambda: accel.tensor_parallel(sharded, sharded_ctx)),
+        message(lambda: gpt2_sp(ctx)(input_ids=torch.zeros(1, 5, dtype=torch.long))),
     ]
+
+
+def gpt2_sp(ctx: accel.Context) -> nn.Module:
+    return accel.tensor_parallel(gpt2(1), ctx, plan="auto", sequence_parallel=True)[0]
 
 
 def test_wrong_uses_are_refused_with_the_fix():
@@ -164,6 +172,7 @@ def test_wrong_uses_are_refused_with_the_fix():
     assert "['model.layers.*.attn.q'] match no module" in messages[2]
     assert "matches two patterns" in messages[3]
     assert "must come before shard_model" in messages[4]
+    assert "pad the sequence length to a multiple of 2" in messages[5]
 
 
 def test_tensor_parallel_needs_a_tp_dimension():

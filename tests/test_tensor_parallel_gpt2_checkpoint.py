@@ -1,6 +1,8 @@
-"""GPT-2 under tensor_parallel(plan="auto") x FSDP: its checkpoint loads on one process with
-the same parameters and Adam moments (the fused q|k|v strided shard included), and
-save_model gives a model that from_pretrained loads with identical logits.
+"""GPT-2 under tensor_parallel(plan="auto", sequence_parallel=True, loss_parallel=True) x
+FSDP: its checkpoint loads on one process with the same parameters and Adam moments (the
+fused q|k|v strided shard, the vocabulary-sharded tied embedding and head, the norms'
+replicated DTensors included), and save_model gives a model that from_pretrained loads
+with identical logits.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def gpt2() -> torch.nn.Module:
 def prepare(ctx: accel.Context, tp: bool, strategy):
     model = gpt2()
     if tp:
-        model, ctx = accel.tensor_parallel(model, ctx, plan="auto")
+        model, ctx = accel.tensor_parallel(model, ctx, plan="auto", sequence_parallel=True,
+                                           loss_parallel=True)
     model, ctx = accel.shard_model(model, ctx, strategy=strategy)
     optimizer, ctx = accel.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), ctx)
     return model, optimizer, ctx

@@ -25,7 +25,6 @@ from accel.errors import (
     IncompatibleOptionsError,
     InvalidArgumentError,
     TransformOrderError,
-    UnsupportedError,
 )
 from accel.transforms.tp_gpt2 import is_gpt2, parallelize_gpt2
 from accel.transforms.tp_plans import auto_plan
@@ -49,7 +48,9 @@ def tensor_parallel(
             of GPT-2 (its Conv1D projections, fused q|k|v included; attention and MLP).
         sequence_parallel: ("auto") norms and the residual stream hold a slice of the
             sequence, gathered before attention and the MLP: less activation memory.
-        loss_parallel: ("auto") the LM head's logits stay sharded over the vocabulary;
+            GPT-2's needs sequence lengths that are multiples of the tp degree.
+        loss_parallel: ("auto") the LM head's logits stay sharded over the vocabulary
+            (with GPT-2's tied embedding, the embedding too: one weight, vocab-parallel);
             cross entropy on them runs inside `accel.loss_parallel(ctx)` (transformers'
             own loss in forward, and `accel.backward`, enter it for you).
 
@@ -73,7 +74,8 @@ def tensor_parallel(
     check_bool("tensor_parallel", "loss_parallel", loss_parallel)
     _check_order(model, ctx)
     if isinstance(plan, str) and is_gpt2(model):  # Conv1D projections: accel's own styles
-        return _parallelize_gpt2(model, ctx, sequence_parallel or loss_parallel)
+        return _parallelize_gpt2(model, ctx, sequence_parallel=sequence_parallel,
+                                 loss_parallel=loss_parallel)
     if isinstance(plan, str):  # "auto"
         plan = auto_plan(model, sequence_parallel=sequence_parallel,
                          loss_parallel=loss_parallel)
@@ -87,26 +89,27 @@ def tensor_parallel(
         model.to(ctx.device)
     sync_from_rank0(model, ctx)  # every rank cuts its shard from the same tensor
     parallelize_module(model, ctx.mesh["tp"], resolved)
+    return _finish(model, ctx, sequence_parallel, loss_parallel)
+
+
+def _parallelize_gpt2(model: nn.Module, ctx: Context, *, sequence_parallel: bool,
+                      loss_parallel: bool) -> tuple[nn.Module, Context]:
+    check_head_counts(model, ctx.tp_size)
+    model.to(ctx.device)
+    sync_from_rank0(model, ctx)  # every rank cuts its shard from the same tensor
+    parallelize_gpt2(model, ctx.mesh["tp"], sequence_parallel=sequence_parallel,
+                     loss_parallel=loss_parallel)
+    return _finish(model, ctx, sequence_parallel, loss_parallel)
+
+
+def _finish(model: nn.Module, ctx: Context, sequence_parallel: bool,
+            loss_parallel: bool) -> tuple[nn.Module, Context]:
     if loss_parallel:  # a loss computed inside forward (labels=...) sees sharded logits
         model.forward = LossParallelForward(model.forward)
     options = "".join([", sequence_parallel" if sequence_parallel else "",
                        ", loss_parallel" if loss_parallel else ""])
     return model, ctx.record(f"tensor_parallel(tp={ctx.tp_size}{options})",
                              loss_parallel=loss_parallel)
-
-
-def _parallelize_gpt2(model: nn.Module, ctx: Context,
-                      wants_more: bool) -> tuple[nn.Module, Context]:
-    if wants_more:
-        raise UnsupportedError(
-            "tensor_parallel(plan='auto') on GPT-2 shards attention and MLP projections; "
-            "sequence_parallel and loss_parallel are built for the Llama family only: "
-            "drop them for GPT-2")
-    check_head_counts(model, ctx.tp_size)
-    model.to(ctx.device)
-    sync_from_rank0(model, ctx)  # every rank cuts its shard from the same tensor
-    parallelize_gpt2(model, ctx.mesh["tp"])
-    return model, ctx.record(f"tensor_parallel(tp={ctx.tp_size})")
 
 
 class LossParallelForward:
