@@ -4,7 +4,8 @@ dp_shard x cp; trained to the parameters of one process on the whole sequences.
 A transformers Llama from a config (fp32, grouped-query attention), AdamW, clipping that
 clips, through distribute_loader (dict batches; the loader cuts the sequences, adds
 global position ids and pre-shifted labels): cp 2 on 2 ranks, and dp_shard 2 x cp 2 with
-accumulation 2 on 4 ranks, each within 1e-5 of one process with the global batch.
+accumulation 2 on 4 ranks, and tp 2 x cp 2 on 4 ranks, each within 1e-5 of one process
+with the global batch.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class Tokens(Dataset):
 
 def train(ctx: accel.Context, *, accumulation: int, per_rank: int = PER_RANK) -> dict:
     model = llama()
+    if ctx.tp_size > 1:
+        model, ctx = accel.tensor_parallel(model, ctx, plan="auto")
     if ctx.cp_size > 1:
         model, ctx = accel.context_parallel(model, ctx)
         model, ctx = accel.shard_model(model, ctx, strategy=accel.FSDP())
@@ -99,6 +102,11 @@ def dp_and_cp(ctx: accel.Context) -> dict:
 def test_fsdp2_x_cp2_with_accumulation_matches_one_process():
     ranks = run_world(dp_and_cp, 4, mesh={"dp_shard": 2, "cp": 2}, timeout=400)
     assert_close(ranks, reference(dp_size=2, accumulation=2))
+
+
+def test_tp2_x_cp2_matches_one_process():
+    ranks = run_world(cp_only, 4, mesh={"cp": 2, "tp": 2}, timeout=400)
+    assert_close(ranks, reference(dp_size=1, accumulation=1))
 
 
 def test_the_cut_keeps_positions_and_labels_global():
