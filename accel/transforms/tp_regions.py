@@ -20,33 +20,33 @@ import torch.distributed as dist
 from accel.errors import IncompatibleOptionsError
 
 
-class CopyToRegion(torch.autograd.Function):
-    """Identity forward; backward sums the input gradient over the tp ranks."""
+def _region(name: str, forward: Any, backward: Any, doc: str) -> type:
+    """An autograd Function(tensor, group): `forward` on the way in, `backward` on the
+    gradient, each a function (tensor, group) -> tensor."""
 
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return tensor
+    class Region(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+            ctx.group = group
+            return forward(tensor, group)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return backward(grad, ctx.group), None
+
+    Region.__name__ = Region.__qualname__ = name
+    Region.__doc__ = doc
+    return Region
 
 
-class ReduceFromRegion(torch.autograd.Function):
-    """Forward sums the partial outputs over the tp ranks; identity backward."""
+def _same(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    return tensor
 
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        tensor = tensor.contiguous()
-        dist.all_reduce(tensor, group=group)
-        return tensor
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+def _sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    tensor = tensor.contiguous()
+    dist.all_reduce(tensor, group=group)
+    return tensor
 
 
 def _gather(tensor: torch.Tensor, group: Any) -> torch.Tensor:
@@ -66,62 +66,25 @@ def _reduce_scatter(tensor: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 def _slice(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """This rank's slice of a whole sequence (every rank holds the same whole)."""
     size = tensor.shape[1] // dist.get_world_size(group)
-    return tensor.narrow(1, dist.get_rank(group) * size, size)
+    return tensor.narrow(1, dist.get_rank(group) * size, size).contiguous()
 
 
-class GatherSequence(torch.autograd.Function):
-    """Forward gathers the sequence slices; backward reduce-scatters the gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _gather(tensor, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _reduce_scatter(grad, ctx.group), None
-
-
-class ReduceScatterSequence(torch.autograd.Function):
-    """Forward sums the partial outputs into sequence slices; backward gathers."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _reduce_scatter(tensor, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather(grad, ctx.group), None
-
-
-class SplitSequence(torch.autograd.Function):
-    """Forward keeps this rank's slice of a whole sequence; backward gathers the gradient
-    (every rank's slice of it: the whole gradient, equal on every rank)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _slice(tensor, group).contiguous()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather(grad.contiguous(), ctx.group), None
-
-
-class AllGatherSequence(torch.autograd.Function):
-    """Forward gathers the sequence slices; backward keeps this rank's slice (the
-    consumer's gradient is whole and equal on every rank)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _gather(tensor, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _slice(grad, ctx.group).contiguous(), None
+CopyToRegion = _region("CopyToRegion", _same, _sum,
+                       "Identity forward; backward sums the input gradient over the tp ranks.")
+ReduceFromRegion = _region("ReduceFromRegion", _sum, _same,
+                           "Forward sums the partial outputs over the tp ranks.")
+GatherSequence = _region("GatherSequence", _gather, _reduce_scatter,
+                         "Forward gathers the sequence slices; backward reduce-scatters.")
+ReduceScatterSequence = _region("ReduceScatterSequence", _reduce_scatter, _gather,
+                                "Forward sums partial outputs into sequence slices.")
+SplitSequence = _region("SplitSequence", _slice, _gather,
+                        "A whole sequence -> this rank's slice; backward gathers the "
+                        "gradient (whole and equal on every rank).")
+AllGatherSequence = _region("AllGatherSequence", _gather, _slice,
+                            "Slices -> the whole sequence, for a consumer whose gradient "
+                            "is whole and equal on every rank; backward keeps the slice.")
 
 
 def check_divisible(tensor: torch.Tensor, group: Any) -> None:
