@@ -23,7 +23,6 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from accel.backends._optimizer import AccelOptimizer
-from accel.backends._parallel_copy import copy_into
 from accel.errors import InvalidArgumentError
 
 
@@ -72,8 +71,7 @@ def set_state_dict(
     # optimizer load separately: torch's combined call skips the model on a rank whose
     # model dict is empty, and rank 0 then waits forever in the broadcast.
     layouts = _strided_layouts(model)
-    if broadcast or not copy_into(model, model_state):  # copy_into: plain CPU modules
-        set_model_state_dict(model, _restride(dict(model_state), layouts), options=options)
+    set_model_state_dict(model, _restride(dict(model_state), layouts), options=options)
     if optimizer is not None:
         set_optimizer_state_dict(model, _torch_optimizer(optimizer),
                                  _restride(_copy_containers(optimizer_state), layouts),
