@@ -24,11 +24,13 @@ median over rounds of raw time / accel time per step (1.0: no overhead); the CPU
 ratio (CPU time of the main thread per step: forward, backward, optimizer and the
 library around them, not the time spent waiting for the CPU or for another rank; each
 rank's median over rounds, averaged over ranks) is the steadier figure on a shared
-machine. The bubble fraction is 1 - busy / step: `busy` is
-the time a rank takes to run its own stages' forward and backward on every microbatch
-alone, without waiting for another rank; the rest of a step is waiting (the pipeline's
-fill and drain) and gloo's sends. The ideal bubble of (p - 1) / (v * m + p - 1) (p
-stages per pipeline, m microbatches, v stages per rank) is printed beside it.
+machine. The bubble fraction is 1 - busy / step, each rank's median over rounds: `step`
+is `model.step` alone (the schedule, no optimizer), `busy` the time the rank then takes
+to run its own stages' forward and backward on every microbatch alone, without waiting
+for another rank; the rest of a step is waiting (the pipeline's fill and drain) and
+gloo's sends (and, with DDP, the gradient all-reduce). The ideal bubble of
+(p - 1) / (v * m + p - 1) (p stages per pipeline, m microbatches, v stages per rank)
+is printed beside it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ SCENARIOS = {"gpipe": ("gpipe", 1, {"pp": 2}, 2), "1f1b": ("1f1b", 1, {"pp": 2},
              "1f1b_dp2": ("1f1b", 1, {"pp": 2, "dp_shard": 2}, 4)}
 CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
            "interleaved1f1b": "ScheduleInterleaved1F1B"}
-BATCH, SEQ, MICROBATCHES, LAYERS, VOCAB = 8, 64, 4, 4, 256
+BATCH, SEQ, MICROBATCHES, LAYERS, VOCAB, HIDDEN = 8, 64, 4, 4, 256, 128
 
 
 def llama():
@@ -52,7 +54,7 @@ def llama():
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
+        hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
         max_position_embeddings=128))
 
@@ -144,28 +146,42 @@ def accel_setup(ctx, schedule: str, per_rank: int):
     return step, model
 
 
-def busy_time(pipe, repeats: int = 3) -> float:
-    """Seconds this rank's stages take for every microbatch's forward and backward alone."""
+def busy_time(pipe, steps: int) -> float:
+    """Seconds per step this rank's stages take for every microbatch's forward and backward
+    alone: the compute of a schedule step without waiting for another rank or sending."""
     import torch
 
     micro = BATCH // MICROBATCHES
     ids = torch.randint(0, VOCAB, (micro, SEQ))
-    hidden = 128
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    start = time.perf_counter()
+    for _ in range(steps):
         for part, index in zip(pipe.parts, pipe.stage_indices, strict=True):
             for _ in range(MICROBATCHES):
-                x = ids if index == 0 else torch.randn(micro, SEQ, hidden, requires_grad=True)
+                x = ids if index == 0 else torch.randn(micro, SEQ, HIDDEN, requires_grad=True)
                 out = part(x)
                 if index == pipe.num_stages - 1:
                     loss_fn(out, ids).backward()
                 else:
                     out.backward(torch.randn_like(out))
-        best = min(best, time.perf_counter() - start)
-        for param in pipe.parameters():
-            param.grad = None
-    return best
+    return (time.perf_counter() - start) / steps
+
+
+def bubble_rounds(pipe, rounds: int, steps: int, batch: tuple) -> list[float]:
+    """Per round: 1 - busy / the schedule's step (model.step alone, no optimizer), this rank."""
+    import torch
+
+    fractions = []
+    for _ in range(rounds):
+        torch.distributed.barrier()
+        begin = time.perf_counter()
+        for _ in range(steps):
+            pipe.step(*batch)
+        scheduled = (time.perf_counter() - begin) / steps
+        torch.distributed.barrier()  # busy runs alone: no rank is still inside a step
+        busy = busy_time(pipe, steps)
+        pipe.zero_grad(set_to_none=True)
+        fractions.append(1 - busy / scheduled)
+    return fractions
 
 
 def paired_rounds(impls: dict, rounds: int, steps: int, batch: tuple
@@ -211,7 +227,7 @@ def worker(ctx, scenario: str, rounds: int, steps: int, warmup: int, control: bo
         for step in impls.values():
             step(*batch)
     wall, cpu = paired_rounds(impls, rounds, steps, batch)
-    bubble = 1 - busy_time(pipe) / statistics.median(wall["accel"])
+    bubble = statistics.median(bubble_rounds(pipe, rounds, steps, batch))
     pairs = [("raw", "accel")] + ([("raw", "raw_b")] if control else [])
     ranks = accel.gather_object([([_ratio(cpu, *pair) for pair in pairs], bubble)], ctx,
                                 ranks="all")
@@ -229,8 +245,8 @@ def worker(ctx, scenario: str, rounds: int, steps: int, warmup: int, control: bo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--control", action="store_true", help="add a second raw loop")
     args = parser.parse_args()
