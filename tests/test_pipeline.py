@@ -133,6 +133,11 @@ def refusals(ctx: accel.Context) -> dict[str, str]:
             llama(), ctx, split_points=["model.layer.2"], microbatches=4, loss_fn=loss_fn)),
         "stages": message(lambda: accel.pipeline_parallel(
             llama(1), ctx, microbatches=4, loss_fn=loss_fn)),
+        "count": message(lambda: accel.pipeline_parallel(
+            llama(), ctx, split_points=["model.layers.1", "model.layers.3"], microbatches=4,
+            loss_fn=loss_fn)),
+        "1f1b": message(lambda: accel.pipeline_parallel(
+            llama(), ctx, microbatches=1, loss_fn=loss_fn)),
         "batch": message(lambda: pipe.step(batch, batch)),
         "accumulate": message(lambda: accel.accumulate_grads(pipe, optimizer, pipe_ctx,
                                                              steps=2)),
@@ -223,6 +228,7 @@ def pp2(folder, reference) -> tuple[list[dict], object]:
     return run_world(two_ranks, 2, folder, mesh={"pp": 2}, timeout=600), folder
 
 
+@pytest.mark.spawned
 def test_pp2_gpipe_1f1b_and_interleaved_match_one_process(pp2, reference):
     ranks, _ = pp2
     for name in SCHEDULES:
@@ -231,12 +237,14 @@ def test_pp2_gpipe_1f1b_and_interleaved_match_one_process(pp2, reference):
     assert not set(ranks[0]["1f1b"]) & set(ranks[1]["1f1b"])
 
 
+@pytest.mark.spawned
 def test_one_process_checkpoint_loads_into_a_pipeline(pp2, reference):
     got = merged([rank["from_single"] for rank in pp2[0]])
     assert sorted(got) == sorted(reference)
     assert all(torch.equal(got[name], value) for name, value in reference.items())
 
 
+@pytest.mark.spawned
 def test_a_checkpoint_of_2_stages_reloads_into_4_and_an_export_into_a_pipeline(pp2):
     ranks, _ = pp2
     saved = merged([rank["1f1b"] for rank in ranks])
@@ -246,12 +254,14 @@ def test_a_checkpoint_of_2_stages_reloads_into_4_and_an_export_into_a_pipeline(p
         assert all(torch.equal(got[name], saved[name]) for name in saved), what
 
 
+@pytest.mark.spawned
 def test_gpt2_auto_split_and_a_sequential_split_by_name_match_one_process(pp2):
     ranks, _ = pp2
     for name, family in FAMILIES.items():
         assert_close(merged([rank[name] for rank in ranks]), two_sgd_steps(None, *family), name)
 
 
+@pytest.mark.spawned
 def test_bf16_runs_each_stage_under_autocast(pp2):
     ranks, _ = pp2
     assert ranks[0]["bf16"] is None  # the loss is on the last stage's rank
@@ -260,6 +270,7 @@ def test_bf16_runs_each_stage_under_autocast(pp2):
     assert abs(bf16_loss(None, dtype="no") - expected) > 1e-6  # fp32 would not pass
 
 
+@pytest.mark.spawned
 def test_pp2_checkpoint_loads_without_a_pipeline_on_one_process(pp2):
     ranks, folder = pp2
     model = llama()
@@ -274,6 +285,7 @@ def test_pp2_checkpoint_loads_without_a_pipeline_on_one_process(pp2):
         assert int(optimizer.state[param]["step"]) == STEPS, name  # Adam's state came too
 
 
+@pytest.mark.spawned
 def test_save_model_exports_one_model_that_from_pretrained_loads(pp2):
     ranks, folder = pp2
     loaded = transformers.LlamaForCausalLM.from_pretrained(folder / "export")
@@ -284,11 +296,21 @@ def test_save_model_exports_one_model_that_from_pretrained_loads(pp2):
         assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
 
 
+@pytest.mark.spawned
 def test_wrong_uses_are_refused_with_the_fix(pp2):
     messages = pp2[0][0]["refusals"]
+    kinds = {"split": InvalidArgumentError, "stages": IncompatibleOptionsError,
+             "count": IncompatibleOptionsError, "1f1b": IncompatibleOptionsError,
+             "batch": InvalidArgumentError, "accumulate": IncompatibleOptionsError,
+             "order": TransformOrderError, "interleaved": IncompatibleOptionsError,
+             "tied": UnsupportedError}
+    for case, kind in kinds.items():  # each an accel.errors exception, not a torch one
+        assert messages[case].startswith(kind.__name__ + ":"), (case, messages[case])
     assert "split_points ['model.layer.2'] name no block" in messages["split"]
     assert "model.layers.1" in messages["split"]  # the names it has
     assert "2 stages" in messages["stages"] and "1 layers" in messages["stages"]
+    assert "makes 3 stages" in messages["count"] and "give 1 split" in messages["count"]
+    assert "microbatches=1 < 2 stages" in messages["1f1b"]
     assert "batch of 6" in messages["batch"] and "microbatches=4" in messages["batch"]
     assert "microbatches are its gradient accumulation" in messages["accumulate"]
     assert "must come before shard_model" in messages["order"]
@@ -314,6 +336,7 @@ def four_ranks(ctx: accel.Context, folder) -> dict:
     return out
 
 
+@pytest.mark.spawned
 def test_pp2_x_ddp2_and_pp2_x_fsdp2_match_one_process_and_reload(pp2, reference):
     two, folder = pp2
     ranks = run_world(four_ranks, 4, folder, mesh={"pp": 2, "dp_shard": 2}, timeout=600)
