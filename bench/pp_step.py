@@ -4,6 +4,7 @@ and the bubble fraction of each schedule.
     python bench/pp_step.py                     # gpipe, 1f1b, interleaved1f1b on 2 processes
     python bench/pp_step.py --scenario 1f1b_dp2 --rounds 5 --steps 5
     python bench/pp_step.py --control           # adds raw_b: the noise floor of the ratios
+    python bench/pp_step.py --hidden 512 --rounds 3 --steps 4   # compute outweighs the sends
 
 Scenarios, each in fresh gloo processes (accel.testing.run_world, one thread per rank),
 on a transformers Llama (4 layers, hidden 128, vocab 256), a batch of 8 x 64 tokens in
@@ -24,7 +25,7 @@ median over rounds of raw time / accel time per step (1.0: no overhead); the CPU
 ratio (CPU time of the main thread per step: forward, backward, optimizer and the
 library around them, not the time spent waiting for the CPU or for another rank; each
 rank's median over rounds, averaged over ranks) is the steadier figure on a shared
-machine. The bubble fraction is 1 - busy / step, each rank's median over rounds: `step`
+machine. The bubble fraction is 1 - busy / step, each the fastest of the rounds: `step`
 is `model.step` alone (the schedule, no optimizer), `busy` the time the rank then takes
 to run its own stages' forward and backward on every microbatch alone, without waiting
 for another rank; the rest of a step is waiting (the pipeline's fill and drain) and
@@ -166,22 +167,25 @@ def busy_time(pipe, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bubble_rounds(pipe, rounds: int, steps: int, batch: tuple) -> list[float]:
-    """Per round: 1 - busy / the schedule's step (model.step alone, no optimizer), this rank."""
+def bubble_rounds(pipe, rounds: int, steps: int, batch: tuple) -> float:
+    """1 - busy / the schedule's step (model.step alone, no optimizer) on this rank.
+
+    Each is the fastest of `rounds`: on a shared machine the other jobs only ever add
+    time, and the least disturbed round is the closest to what the schedule itself costs.
+    """
     import torch
 
-    fractions = []
+    scheduled, busy = [], []
     for _ in range(rounds):
         torch.distributed.barrier()
         begin = time.perf_counter()
         for _ in range(steps):
             pipe.step(*batch)
-        scheduled = (time.perf_counter() - begin) / steps
+        scheduled.append((time.perf_counter() - begin) / steps)
         torch.distributed.barrier()  # busy runs alone: no rank is still inside a step
-        busy = busy_time(pipe, steps)
+        busy.append(busy_time(pipe, steps))
         pipe.zero_grad(set_to_none=True)
-        fractions.append(1 - busy / scheduled)
-    return fractions
+    return 1 - min(busy) / min(scheduled)
 
 
 def paired_rounds(impls: dict, rounds: int, steps: int, batch: tuple
@@ -208,8 +212,11 @@ def _ratio(times: dict[str, list[float]], first: str, second: str) -> float:
     return statistics.median(a / b for a, b in zip(times[first], times[second], strict=True))
 
 
-def worker(ctx, scenario: str, rounds: int, steps: int, warmup: int, control: bool) -> str:
+def worker(ctx, scenario: str, rounds: int, steps: int, warmup: int, control: bool,
+           hidden: int) -> str:
     """One scenario on this rank (run_world started the processes); rank 0's line of figures."""
+    global HIDDEN
+    HIDDEN = hidden  # this process's model width (a spawned rank imports the defaults)
     import torch
 
     import accel
@@ -227,7 +234,7 @@ def worker(ctx, scenario: str, rounds: int, steps: int, warmup: int, control: bo
         for step in impls.values():
             step(*batch)
     wall, cpu = paired_rounds(impls, rounds, steps, batch)
-    bubble = statistics.median(bubble_rounds(pipe, rounds, steps, batch))
+    bubble = bubble_rounds(pipe, rounds, steps, batch)
     pairs = [("raw", "accel")] + ([("raw", "raw_b")] if control else [])
     ranks = accel.gather_object([([_ratio(cpu, *pair) for pair in pairs], bubble)], ctx,
                                 ranks="all")
@@ -236,7 +243,8 @@ def worker(ctx, scenario: str, rounds: int, steps: int, warmup: int, control: bo
         f"{a}/{b} wall {_ratio(wall, a, b):.3f}, CPU "
         f"{statistics.mean(cpus[index] for cpus, _ in ranks):.3f}"
         for index, (a, b) in enumerate(pairs))
-    return (f"{scenario}: raw {statistics.median(wall['raw']) * 1e3:.1f} ms/step, accel "
+    return (f"{scenario} (hidden {HIDDEN}): raw {statistics.median(wall['raw']) * 1e3:.1f} "
+            f"ms/step, accel "
             f"{statistics.median(wall['accel']) * 1e3:.1f} ms/step; {ratios} (medians of "
             f"{rounds} paired rounds); bubble {statistics.mean(b for _, b in ranks):.2f} "
             f"(ranks {', '.join(f'{b:.2f}' for _, b in ranks)}; ideal {ideal:.2f})")
@@ -249,13 +257,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--control", action="store_true", help="add a second raw loop")
+    parser.add_argument("--hidden", type=int, default=HIDDEN,
+                        help="model width: more compute per microbatch against the same sends")
     args = parser.parse_args()
     from accel.testing import run_world
 
     for scenario in args.scenario or ["gpipe", "1f1b", "interleaved1f1b"]:
         _, _, mesh, processes = SCENARIOS[scenario]
         lines = run_world(worker, processes, scenario, args.rounds, args.steps, args.warmup,
-                          args.control, mesh=mesh, env={"OMP_NUM_THREADS": "1"},
+                          args.control, args.hidden, mesh=mesh, env={"OMP_NUM_THREADS": "1"},
                           timeout=3600)
         print(lines[0], flush=True)
 
