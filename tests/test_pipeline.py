@@ -308,7 +308,7 @@ def test_wrong_uses_are_refused_with_the_fix(pp2):
         assert messages[case].startswith(kind.__name__ + ":"), (case, messages[case])
     assert "split_points ['model.layer.2'] name no block" in messages["split"]
     assert "model.layers.1" in messages["split"]  # the names it has
-    assert "2 stages" in messages["stages"] and "1 layers" in messages["stages"]
+    assert "2 stages" in messages["stages"] and "has 1 layer to share" in messages["stages"]
     assert "makes 3 stages" in messages["count"] and "give 1 split" in messages["count"]
     assert "microbatches=1 < 2 stages" in messages["1f1b"]
     assert "batch of 6" in messages["batch"] and "microbatches=4" in messages["batch"]
@@ -316,6 +316,25 @@ def test_wrong_uses_are_refused_with_the_fix(pp2):
     assert "must come before shard_model" in messages["order"]
     assert "use schedule='interleaved1f1b'" in messages["interleaved"]
     assert "tied weights" in messages["tied"] and "tie_word_embeddings=False" in messages["tied"]
+
+
+def test_auto_split_puts_embeddings_first_and_norm_and_head_last():
+    """The plan alone, in this process: no world needed to check where stages begin."""
+    from accel.transforms.pipeline_split import family_of, plan_stages
+
+    model = llama()
+    blocks = family_of(model).blocks(model)
+    first, last = plan_stages(blocks, "auto", 2)
+    assert [block.name for block in first] == ["model.embed_tokens", "model.layers.0",
+                                                "model.layers.1"]
+    assert [block.name for block in last] == ["model.layers.2", "model.layers.3",
+                                               "model.norm", "lm_head"]
+    by_name = plan_stages(blocks, ["model.layers.1", "model.norm"], 3)
+    assert [len(stage) for stage in by_name] == [2, 3, 2]
+    with pytest.raises(InvalidArgumentError, match=r"\['model.layers.9'\] name no block"):
+        plan_stages(blocks, ["model.layers.9"], 2)
+    with pytest.raises(IncompatibleOptionsError, match="has 4 layers to share"):
+        plan_stages(blocks, "auto", 5)
 
 
 def test_pipeline_parallel_needs_a_pp_dimension():

@@ -210,12 +210,16 @@ def plan_stages(blocks: list[Block], split_points: Sequence[str] | str,
         if stages > len(layers):
             raise IncompatibleOptionsError(
                 f"pipeline_parallel: {stages} stages (pp size x stages_per_rank) but the "
-                f"model has {len(layers)} layers to share; use fewer stages (a smaller pp "
-                "dimension or stages_per_rank) or a deeper model")
+                f"model has {_count(len(layers), 'layer')} to share; use fewer stages (a "
+                "smaller pp dimension or stages_per_rank) or a deeper model")
         split_points = _auto_split_points(layers, stages)
     starts = _split_indices(blocks, list(split_points), stages)
     bounds = [0, *starts, len(blocks)]
     return [blocks[begin:end] for begin, end in zip(bounds, bounds[1:], strict=False)]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _auto_split_points(layers: list[Block], stages: int) -> list[str]:
