@@ -60,6 +60,13 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def fresh_graphs() -> int:
+    """graphs() after forgetting every compiled frame: an earlier test's graph of the
+    same forward (same code, same backend) would otherwise be reused, not counted."""
+    torch._dynamo.reset()
+    return graphs()
+
+
 def compiled_ranks(ctx: accel.Context) -> dict:
     before = graphs()
     ddp = train(ctx, strategy="ddp", compile_kwargs=FAST)
@@ -78,10 +85,48 @@ def test_compiled_ddp_and_fsdp2_with_accumulation_match_one_eager_process():
 
 
 def test_inductor_compiles_a_block_class_once_and_trains_like_eager():
-    before = graphs()
-    compiled = train(accel.Context(), strategy="single", compile_kwargs={})  # inductor
+    before = fresh_graphs()
+    # one compile thread: inductor's pool of 2+ would outlive the test (and contend)
+    with torch._inductor.config.patch(compile_threads=1):
+        compiled = train(accel.Context(), strategy="single", compile_kwargs={})  # inductor
     assert graphs() - before == 1  # the second layer reused the first one's code
     assert_close(compiled, train(accel.Context(), strategy="single"), "inductor")
+
+
+def tensor_parallel_ranks(ctx: accel.Context) -> dict:
+    model, ctx = accel.tensor_parallel(tiny_llama(), ctx, plan="auto")
+    model, ctx = accel.compile_model(model, ctx, **FAST)
+    return train_tokens(model, ctx, strategy=None, steps=STEPS, per_rank=PER_RANK,
+                        accumulation=ACCUMULATION, seq=SEQ)
+
+
+def test_compiled_tensor_parallel_blocks_match_one_eager_process():
+    """TP2: every block's projections are DTensors inside the compiled code; the
+    embedding's all-reduced output enters the first block (a view of a collective's
+    tensor, which compile_model hands over as a tensor of its own)."""
+    ranks = run_world(tensor_parallel_ranks, 2, mesh={"tp": 2}, timeout=300)
+    expected = reference(dp_size=1)
+    for rank in ranks:
+        assert_close(rank, expected, "tp2 compiled")
+
+
+@pytest.mark.parametrize(("policy", "offload"), [("full", True), ("selective", False), (2, False)])
+def test_checkpointed_blocks_compile_once_and_train_like_eager(policy, offload):
+    """checkpoint_activations then compile_model: the recomputation is inside the compiled
+    code, the CPU offload's hooks around it (dynamo does not trace them)."""
+    def trained(compiled: bool) -> dict:
+        model, ctx = accel.checkpoint_activations(tiny_llama(4), accel.Context(), policy=policy,
+                                                  offload=offload)
+        if compiled:
+            model, ctx = accel.compile_model(model, ctx, **FAST)
+        return train_tokens(model, ctx, strategy="single", steps=2, per_rank=2,
+                            accumulation=1, seq=SEQ)
+
+    before = fresh_graphs()
+    compiled = trained(compiled=True)
+    # one graph per forward function: every N-th block is checkpointed, the rest are not
+    assert graphs() - before == (2 if isinstance(policy, int) else 1)
+    assert_close(compiled, trained(compiled=False), f"{policy}, offload={offload}")
 
 
 # ------------------------------------------------------------------ names and exports

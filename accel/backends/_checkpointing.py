@@ -70,13 +70,19 @@ class CheckpointedForward:
         self.offload = offload
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self._offloading():
-            if self.selective:
-                return checkpoint(self.forward, *args, use_reentrant=False,
-                                  context_fn=selective_contexts, **kwargs)
-            return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+        with self.offloading():
+            return self.recompute(*args, **kwargs)
 
-    def _offloading(self) -> contextlib.AbstractContextManager[Any]:
+    def recompute(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward under torch.utils.checkpoint: what compile_model compiles (dynamo
+        does not trace save_on_cpu's hooks, which therefore stay around the compiled code)."""
+        if self.selective:
+            return checkpoint(self.forward, *args, use_reentrant=False,
+                              context_fn=selective_contexts, **kwargs)
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+    def offloading(self) -> contextlib.AbstractContextManager[Any]:
+        """save_on_cpu with offload=True, else nothing: entered around `recompute`."""
         if not self.offload:
             return contextlib.nullcontext()
         # Pinned pages make the copies back to an accelerator asynchronous; a CPU run has none.

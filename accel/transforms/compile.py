@@ -9,6 +9,7 @@ the compiled code, eager, as torchtitan's per-block compile before `fully_shard`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from accel.backends._checkpointing import CheckpointedForward
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, TransformOrderError, UnsupportedError
 from accel.transforms._blocks import BlockSpec, find_blocks
@@ -44,7 +46,10 @@ class CompiledForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner, _ = _split(self.forward)
-        return self.compiled(owner, *args, **kwargs)
+        args = tuple(_unaliased(value) for value in args)
+        kwargs = {key: _unaliased(value) for key, value in kwargs.items()}
+        with _outside(self.forward):
+            return self.compiled(owner, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.compile's wrapper does not pickle; the unpickled forward compiles again.
@@ -56,12 +61,39 @@ class CompiledForward:
             self.compiled = torch.compile(_split(self.forward)[1], **self.options)
 
 
+def _unaliased(value: Any) -> Any:
+    """`value`, copied if it is a view of a tensor subclass.
+
+    tensor_parallel's layers hand on the local tensor of a DTensor (`to_local()`), a view
+    of an AsyncCollectiveTensor; AOT autograd replays such an input from its base and
+    its gradient then skips DTensor's `to_local` backward, so that the redistribution
+    before it gets a plain tensor and fails. A copy (made after the collective's wait)
+    is an input of its own. It happens where eager tensor-parallel code feeds a compiled
+    block (the first block, after the embedding): one activation copy per step.
+    """
+    if (isinstance(value, torch.Tensor) and value._base is not None
+            and type(value._base) not in (torch.Tensor, nn.Parameter)):
+        return value.clone()
+    return value
+
+
 def _split(forward: Callable[..., Any]) -> tuple[Any, Callable[..., Any]]:
     """(the object the forward runs on, the plain function): what is compiled is the
     function, so the blocks of one class share its code and its compiled graphs."""
     if inspect.ismethod(forward):
         return forward.__self__, forward.__func__
-    return forward, type(forward).__call__  # with_amp's or checkpointing's forward object
+    if isinstance(forward, CheckpointedForward):  # its CPU offload stays eager: _outside
+        return forward, CheckpointedForward.recompute
+    return forward, type(forward).__call__  # with_amp's forward object, or another
+
+
+def _outside(forward: Callable[..., Any]) -> contextlib.AbstractContextManager[Any]:
+    """What runs around the compiled code, eager: checkpoint_activations' CPU offload
+    (save_on_cpu's hooks, which dynamo refuses to trace, pack what the compiled
+    function saves for backward all the same)."""
+    if isinstance(forward, CheckpointedForward):
+        return forward.offloading()
+    return contextlib.nullcontext()
 
 
 def compile_model(
