@@ -94,20 +94,30 @@ def test_inductor_compiles_a_block_class_once_and_trains_like_eager():
 
 
 def tensor_parallel_ranks(ctx: accel.Context) -> dict:
-    model, ctx = accel.tensor_parallel(tiny_llama(), ctx, plan="auto")
-    model, ctx = accel.compile_model(model, ctx, **FAST)
-    return train_tokens(model, ctx, strategy=None, steps=STEPS, per_rank=PER_RANK,
-                        accumulation=ACCUMULATION, seq=SEQ)
+    model, tp_ctx = accel.tensor_parallel(tiny_llama(), ctx, plan="auto")
+    model, tp_ctx = accel.compile_model(model, tp_ctx, **FAST)
+    trained = train_tokens(model, tp_ctx, strategy=None, steps=STEPS, per_rank=PER_RANK,
+                           accumulation=ACCUMULATION, seq=SEQ)
+    # full recomputation of DTensor blocks: refused before anything is compiled
+    model, tp_ctx = accel.tensor_parallel(tiny_llama(), ctx, plan="auto")
+    model, tp_ctx = accel.checkpoint_activations(model, tp_ctx, policy="full")
+    with pytest.raises(IncompatibleOptionsError) as refused:
+        accel.compile_model(model, tp_ctx, **FAST)
+    return {"params": trained, "full recomputation": str(refused.value)}
 
 
 def test_compiled_tensor_parallel_blocks_match_one_eager_process():
     """TP2: every block's projections are DTensors inside the compiled code; the
     embedding's all-reduced output enters the first block (a view of a collective's
-    tensor, which compile_model hands over as a tensor of its own)."""
+    tensor, which compile_model hands over as a tensor of its own). Full recomputation
+    of such blocks, which torch's AOT autograd cannot compile, is refused up front."""
     ranks = run_world(tensor_parallel_ranks, 2, mesh={"tp": 2}, timeout=300)
     expected = reference(dp_size=1)
     for rank in ranks:
-        assert_close(rank, expected, "tp2 compiled")
+        assert_close(rank["params"], expected, "tp2 compiled")
+        assert ("block 'model.layers.0' holds tensor_parallel's DTensor parameters and "
+                "recomputes its whole forward" in rank["full recomputation"])
+        assert "checkpoint_activations(policy='selective')" in rank["full recomputation"]
 
 
 @pytest.mark.parametrize(("policy", "offload"), [("full", True), ("selective", False), (2, False)])

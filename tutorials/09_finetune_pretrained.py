@@ -3,7 +3,7 @@
     accel launch -n 2 tutorials/09_finetune_pretrained.py --dir /tmp/ft --steps 4
     accel launch -n 2 tutorials/09_finetune_pretrained.py --dir /tmp/ft --steps 8  # resumes
     accel launch -n 4 tutorials/09_finetune_pretrained.py --dir /tmp/ft4 --tp 2 \
-        --compile-backend none                                   # TP x FSDP, eager
+        --compile-backend aot_eager                              # TP x FSDP
 
 The job most users bring: "fine-tune this pretrained model on N processes". A
 `save_pretrained` folder stands in for the download (the first run writes it). Then
@@ -20,8 +20,7 @@ is compiled once for all layers (regional) and recomputes its activations in bac
 The loop checkpoints every few optimizer steps; a second run resumes from the newest
 checkpoint at the same batch. At the end the weights are exported as safetensors that
 `from_pretrained` reads on one process. `--compile-backend aot_eager` compiles faster
-on a CPU; `none` runs eagerly, which `--tp 2` needs for now (compiled tensor-parallel
-blocks fail in AOT autograd on torch 2.13's CPU).
+on a CPU (dynamo and AOT autograd, no C++ build); `none` runs eagerly.
 """
 
 import argparse
@@ -73,7 +72,9 @@ def model_pipeline(args: argparse.Namespace, pretrained: Path):
     return accel.compose(
         partial(accel.with_amp, dtype="bf16"),
         *tensor_parallel,
-        accel.checkpoint_activations,                 # full recomputation, every block
+        # full recomputation of every block; with tensor parallelism "selective" (op
+        # level), as torch 2.13 cannot compile the full recomputation of DTensor blocks
+        partial(accel.checkpoint_activations, policy="selective" if args.tp > 1 else "full"),
         *compiling,                                   # each block compiled once (regional)
         partial(accel.shard_model, strategy=accel.FSDP(keep_meta=True)),
         partial(accel.load_pretrained, path=pretrained),  # each rank reads its own slices

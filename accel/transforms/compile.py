@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from accel.backends._checkpointing import CheckpointedForward
 from accel.context import Context
@@ -111,6 +112,11 @@ def compile_model(
     they built) and before shard_model: FSDP2's hooks then stay around each compiled
     block, as torchtitan orders it, and under DDP the compiled code runs inside DDP's
     forward, where torch's DDPOptimizer splits the graphs at DDP's gradient buckets.
+    Under tensor_parallel the blocks' DTensor projections and their collectives are
+    compiled with them (an input that is a view of a collective's result, as the
+    embedding's all-reduced output is, enters as a copy: AOT autograd would replay it
+    from its base and lose DTensor's backward). checkpoint_activations' CPU offload
+    stays around the compiled code (dynamo does not trace save_on_cpu's hooks).
 
     Args:
         regional: compile the repeated blocks (default) or the whole forward (False;
@@ -125,15 +131,18 @@ def compile_model(
     Raises:
         TransformOrderError: applied twice, after shard_model, or to a model that is
             already compiled.
-        IncompatibleOptionsError: no blocks found, an unknown compile option, or a
+        IncompatibleOptionsError: no blocks found, an unknown compile option, a
             transformers model with config.use_cache=True (each layer's cache index
-            would make torch.compile recompile every layer).
+            would make torch.compile recompile every layer), or tensor_parallel blocks
+            under full recomputation (checkpoint_activations' "full" or N: torch 2.13's
+            AOT autograd fails on them; "selective" compiles).
         UnsupportedError: an XLA device (its graphs are XLA's own).
 
     >>> model, ctx = accel.compile_model(model, ctx)                 # per block
     >>> model, ctx = accel.compile_model(model, ctx, regional=False, mode="max-autotune")
     """
     _check_arguments(model, ctx, regional, compile_kwargs)
+    _check_recomputed_dtensors(model)
     if regional:
         targets = find_blocks("compile_model", model, blocks)
         _check_cache_off(model)
@@ -190,6 +199,21 @@ def _is_compiled(model: nn.Module) -> bool:
         return True
     return any(isinstance(module.__dict__.get("forward"), CompiledForward)
                or module._compiled_call_impl is not None for module in model.modules())
+
+
+def _check_recomputed_dtensors(model: nn.Module) -> None:
+    """Full recomputation of a block holding DTensor parameters does not compile."""
+    for name, module in model.named_modules():
+        forward = module.__dict__.get("forward")
+        if (isinstance(forward, CheckpointedForward) and not forward.selective
+                and any(isinstance(p, DTensor) for p in module.parameters())):
+            raise IncompatibleOptionsError(
+                f"accel.compile_model: block {name!r} holds tensor_parallel's DTensor "
+                "parameters and recomputes its whole forward (checkpoint_activations with "
+                "policy 'full' or every N-th block); torch 2.13's AOT autograd cannot "
+                "compile that (it saves the DTensors' DeviceMesh for backward as if it were "
+                "a tensor and fails at the first step). Use checkpoint_activations(policy="
+                "'selective'), which compiles with tensor_parallel, or drop one of the two")
 
 
 def _check_cache_off(model: nn.Module) -> None:
