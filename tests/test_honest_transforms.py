@@ -271,6 +271,31 @@ def _dispatch():
         accel.dispatch_model, device_map={"": "cpu"}), model=make_model())
 
 
+def _blocks_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
+
+
+@case("compile_model")
+def _compile():
+    yield from given(accel.compile_model, functools.partial(
+        accel.compile_model, ctx=accel.Context(), backend="eager"), model=_blocks_model())
+
+
+@case("checkpoint_activations")
+def _checkpoint_activations():
+    yield from given(accel.checkpoint_activations, functools.partial(
+        accel.checkpoint_activations, ctx=accel.Context(), policy="selective", offload=True),
+        model=_blocks_model())
+
+
+@case("with_amp_bf16_params", readme="with_amp")
+def _amp_bf16_params():
+    yield from given(accel.with_amp, functools.partial(
+        accel.with_amp, ctx=accel.Context(), dtype="bf16", params="bf16",
+        master_weights=True), model=make_model())
+
+
 def _readme_says_in_place(name: str) -> bool:
     readme = (REPO / "README.md").read_text()
     return re.search(rf"`{re.escape(name)}[^`]*` \([^)]*in place", readme) is not None
