@@ -74,6 +74,30 @@ def test_fp8_recipes_train_like_bf16_within_the_stated_tolerance(recipe):
     assert all(abs(a - b) <= 0.01 * b for a, b in zip(fp8_losses, bf16_losses, strict=True))
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_blocks_compile_and_train_as_they_do_eagerly(recipe):
+    """with_amp(fp8) then compile_model: torchao's float8 casts and scaled matmuls are
+    traced into each block's graph (aot_eager: the same ops, no C++ build)."""
+    def trained(compiled: bool) -> list[float]:
+        model, ctx = accel.with_amp(llama(), accel.Context(), dtype="fp8", recipe=recipe)
+        if compiled:
+            model, ctx = accel.compile_model(model, ctx, backend="aot_eager")
+        optimizer, ctx = accel.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                              ctx)
+        seen = []
+        for _ in range(3):
+            loss = model(input_ids=IDS, labels=IDS).loss
+            accel.backward(loss, optimizer, ctx)
+            optimizer.step()
+            optimizer.zero_grad()
+            seen.append(loss.item())
+        return seen
+
+    compiled, eager = trained(compiled=True), trained(compiled=False)
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(compiled, eager, strict=True)), (
+        compiled, eager)
+
+
 def test_a_recipe_that_cannot_train_here_is_refused_before_the_model_changes():
     model = llama(1)
     # torchao's high-precision grad-weight matmul meets autocast's bf16 gradients and
