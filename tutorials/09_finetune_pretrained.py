@@ -16,7 +16,8 @@ every rank builds the model on the meta device (no memory), and two pipelines
 shard it while it is still empty and fill each rank's shards straight from the
 checkpoint's files (no rank ever holds the whole model, nothing random is made or
 broadcast), then build the optimizer on the final parameters. Each transformer block
-is compiled once for all layers (regional) and recomputes its activations in backward.
+is compiled once for all layers (regional) and recomputes its activations in backward
+(all of them; with --tp, all but the matmuls' outputs).
 The loop checkpoints every few optimizer steps; a second run resumes from the newest
 checkpoint at the same batch. At the end the weights are exported as safetensors that
 `from_pretrained` reads on one process. `--compile-backend aot_eager` compiles faster
