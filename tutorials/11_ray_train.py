@@ -16,7 +16,9 @@ failed, bit for bit. `--fail-at-step N` kills worker 1 in step N of the first at
 
 Ray registers a checkpoint once every worker's report of that round has reached its
 controller (polled every 2 s), so a worker that dies right after a report may take that
-round with it; the run then resumes from the round before, with the same end result.
+round with it; the run then resumes from the round before, with the same end result. Never
+from further back: each worker holds one unread report at most (its next report waits for
+the controller to take the last), so every round before the newest is registered.
 
 On a cluster: `--address auto` joins the running Ray cluster; `save_state` needs a folder
 every worker sees (`--scratch` on a shared filesystem), and Ray's storage (`--storage`)
@@ -26,6 +28,7 @@ that runs the same without Ray: only `train_func` and `main` use it.
 
 import argparse
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -101,10 +104,11 @@ def train_func(config: dict) -> None:
 
 
 def _maybe_fail(ctx: accel.Context, step: int, config: dict, marker: Path) -> None:
-    """Worker 1 dies in step `fail_at_step` of the first attempt, as a lost machine would."""
+    """Worker 1 is killed (SIGKILL: no cleanup, no exception, as the OOM killer or a lost
+    machine ends it) in step `fail_at_step` of the first attempt."""
     if ctx.rank == 1 and step == config["fail_at_step"] and not marker.exists():
         marker.touch()
-        os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def parse() -> argparse.Namespace:
