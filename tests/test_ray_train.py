@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -83,8 +84,12 @@ def stop_leftovers(marker: str) -> list[int]:
 def start_tutorial(tmp: Path, ray_tmp: str) -> subprocess.Popen:
     """The tutorial's driver, its output into files (a pipe nobody reads while the run
     without Ray goes on would fill and stall it)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    # A cluster of our own (not one RAY_ADDRESS names), under token authentication with a
+    # token of this run's: without one Ray would write ~/.ray/auth_token.
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARIABLES and k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=ray_tmp,
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                # nothing leaves this machine; no spot-preemption watcher actor; on a busy
                # machine starting 2 workers can pass Ray's 60 s, which would count as the
                # one failure allowed
