@@ -28,6 +28,7 @@ that runs the same without Ray: only `train_func` and `main` use it.
 
 import argparse
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -150,6 +151,8 @@ def main() -> None:
         result = trainer.fit()
     finally:
         ray.shutdown()  # stops the local cluster's processes
+        if args.scratch is None:  # ours: Ray moved the checkpoints out, the folder is left
+            shutil.rmtree(scratch, ignore_errors=True)
     metrics = result.metrics
     print(f"finished at step {metrics['step']}, loss {metrics['loss']:.6f}, "
           f"last attempt resumed from step {metrics['resumed_from']}")
