@@ -9,6 +9,7 @@ step (`precompute_after_steps`), as torchao asks.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -113,10 +114,12 @@ _HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _float8_all_gather_weights(model: nn.Module) -> list[torch.Tensor]:
-    try:
-        from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
-    except ImportError:  # without torchao nothing was converted
+    # Only a model with_amp converted holds them, and converting imported torchao: a
+    # process that has not imported it has none (importing it costs ~2 s of start-up).
+    utils = sys.modules.get("torchao.float8.fsdp_utils")
+    if utils is None:
         return []
+    WeightWithDynamicFloat8CastTensor = utils.WeightWithDynamicFloat8CastTensor  # noqa: N806
     return [param for param in model.parameters()
             if isinstance(getattr(param, "_local_tensor", None), WeightWithDynamicFloat8CastTensor)]
 
