@@ -277,7 +277,8 @@ def init(
     """Read the launch environment, start the process group when world size > 1.
 
     Args:
-        device: override the detected device ("cpu", "cuda", "cuda:1", "mps", "xla").
+        device: override the detected device ("cpu", "cuda", "cuda:1", "mps", "xla");
+            one this torch cannot use (cuda on a CPU build) raises UnsupportedError.
         dist_backend: torch.distributed backend; default nccl+gloo on CUDA, gloo on CPU.
         timeout: collective timeout (seconds or timedelta).
         seed: seed python, numpy and torch on every rank (see `set_seed`).

@@ -19,7 +19,12 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from accel.errors import LaunchEnvironmentError, MissingDependencyError, NotConnectedError
+from accel.errors import (
+    LaunchEnvironmentError,
+    MissingDependencyError,
+    NotConnectedError,
+    UnsupportedError,
+)
 from accel.mesh import MeshLayout, build_device_mesh, dp_group_of
 from accel.world import World
 
@@ -44,11 +49,31 @@ def resolve_device(
             return torch.device("mps")
         return torch.device("cpu")
     choice = torch.device(choice)
+    _check_available(choice, "device" if device is not None else "ACCEL_DEVICE")
     if choice.type == "cuda" and choice.index is None:
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     if choice.type == "xla":
         return _xla_device()
     return choice
+
+
+def _check_available(device: torch.device, name: str) -> None:
+    """A CUDA or MPS device this torch cannot use fails here, named, not deep in torch."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedError(
+            f"init: {name}={str(device)!r}, but this torch ({torch.__version__}) sees no "
+            f"CUDA device{'' if torch.backends.cuda.is_built() else ' (it is a CPU build)'}"
+            ": drop the choice to use the detected device, or install a CUDA build of torch "
+            "on a machine with a GPU")
+    if device.type == "cuda" and device.index is not None and (
+            device.index >= torch.cuda.device_count()):
+        raise UnsupportedError(
+            f"init: {name}={str(device)!r}, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s); choose cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}, or 'cuda' for cuda:LOCAL_RANK")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UnsupportedError(f"init: {name}='mps', but MPS is not available here: use "
+                               "'cpu', or drop the choice to use the detected device")
 
 
 def _xla_device() -> torch.device:

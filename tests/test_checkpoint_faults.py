@@ -450,3 +450,17 @@ def test_lying_records_and_headers_are_refused_before_anything_loads(tmp_path):
     lie_in_header(shard)
     rerecord(tmp_path / "sharded", str(shard.relative_to(tmp_path / "sharded")))
     assert_refused_untouched(tmp_path / "sharded", shard.name)
+
+
+def test_a_save_error_speaks_of_space_only_when_space_is_short(tmp_path):
+    from accel.checkpoint.save import _save_error
+
+    denied = _save_error(tmp_path / "ckpt", tmp_path / ".tmp-ckpt",
+                         "rank 1: PermissionError: [Errno 13] Permission denied", free=10**12,
+                         needed=10**6, error=None)
+    assert "Permission denied" in str(denied) and "Free space" not in str(denied)
+    assert "free and the checkpoint needs" not in str(denied)
+    full = _save_error(tmp_path / "ckpt", tmp_path / ".tmp-ckpt",
+                       f"rank 0: OSError: [Errno 28] {os.strerror(28)}", free=10**12,
+                       needed=10**6, error=None)
+    assert "Free space" in str(full) and "free and the checkpoint needs" in str(full)

@@ -211,3 +211,29 @@ def test_07_tutorial_resumes_where_it_stopped(tmp_path):
              if line.startswith("step 9 ")]
     assert len(step9) == 2 and step9[0] == step9[1], step9
     assert "done at step 12; kept ['checkpoint_000002', 'checkpoint_000003']" in second.stdout
+
+
+def stateless_sgd_round_trip(ctx, directory):
+    """SGD without momentum keeps no tensors: torch's whole-state load finds no device."""
+    torch.manual_seed(0)
+    base, strategy = ctx, "ddp" if ctx.world_size > 1 else "single"
+    model, ctx = accel.shard_model(nn.Linear(4, 2), base, strategy=strategy)
+    optimizer, ctx = accel.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), ctx)
+    accel.backward(model(torch.randn(3, 4)).sum(), optimizer, ctx)
+    optimizer.step()
+    accel.save_state(directory, ctx, model=model, optimizer=optimizer)
+    fresh, ctx2 = accel.shard_model(nn.Linear(4, 2), base, strategy=strategy)
+    fresh_optimizer, ctx2 = accel.wrap_optimizer(torch.optim.SGD(fresh.parameters(), lr=0.5),
+                                                 ctx2)
+    accel.load_state(directory, ctx2, model=fresh, optimizer=fresh_optimizer)
+    return {"same": all(torch.equal(a, b) for a, b in zip(
+                accel.unwrap_model(model, ctx).parameters(),
+                accel.unwrap_model(fresh, ctx2).parameters(), strict=True)),
+            "lr": fresh_optimizer.param_groups[0]["lr"]}
+
+
+@pytest.mark.spawned
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_stateless_optimizer_round_trips(tmp_path, world):
+    ranks = run_world(stateless_sgd_round_trip, world, str(tmp_path / "sgd"), timeout=120)
+    assert all(rank == {"same": True, "lr": 0.1} for rank in ranks), ranks

@@ -128,3 +128,12 @@ def seeded_draws(ctx: accel.Context) -> list[float]:
 def test_seeds_across_ranks():
     (same0, own0, synced0), (same1, own1, synced1) = run_world(seeded_draws, 2)
     assert same0 == same1 and own0 != own1 and synced0 == synced1
+
+
+def test_a_device_this_torch_cannot_use_is_named():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(accel.errors.UnsupportedError, match="device='cuda'.*sees no CUDA"):
+        accel.init(device="cuda", env={})
+    with pytest.raises(accel.errors.UnsupportedError, match="ACCEL_DEVICE='cuda:1'"):
+        accel.init(env={"ACCEL_DEVICE": "cuda:1"})

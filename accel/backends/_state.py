@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
+from torch.utils._pytree import tree_map_only
 
 from accel.backends._optimizer import AccelOptimizer
 from accel.errors import InvalidArgumentError
@@ -73,9 +74,15 @@ def set_state_dict(
     layouts = _strided_layouts(model)
     set_model_state_dict(model, _restride(dict(model_state), layouts), options=options)
     if optimizer is not None:
-        set_optimizer_state_dict(model, _torch_optimizer(optimizer),
-                                 _restride(_copy_containers(optimizer_state), layouts),
-                                 options=options)
+        inner, state = _torch_optimizer(optimizer), _copy_containers(optimizer_state)
+        if full and _is_stateless(model, inner):
+            # torch's whole-state load takes the device from a tensor of the optimizer's
+            # state and asserts without one ("Expected device to be set"); a stateless
+            # optimizer (SGD without momentum) has none, and its state is only its param
+            # groups: every rank loads them as its own.
+            state = _from_rank0(state) if broadcast else state
+            options = StateDictOptions(full_state_dict=False)
+        set_optimizer_state_dict(model, inner, _restride(state, layouts), options=options)
 
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -121,6 +128,23 @@ def _restride(state: dict[str, Any], layouts: dict[str, DTensor]) -> dict[str, A
             if isinstance(value, DTensor) and value.shape == param.shape:
                 container[key] = value.redistribute(param.device_mesh, param.placements)
     return state
+
+
+def _is_stateless(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """No tensor of one dimension or more in the optimizer's state, once torch has
+    initialised it (as its whole-state load does first)."""
+    local = get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=False))
+    found: list[bool] = []
+    tree_map_only(torch.Tensor, lambda tensor: found.append(tensor.dim() > 0), local["state"])
+    return not any(found)
+
+
+def _from_rank0(state: Any) -> Any:
+    """Rank 0's (small, tensor-free) optimizer state on every rank."""
+    box = [state]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _copy_containers(value: Any) -> Any:

@@ -21,6 +21,8 @@ folder (`accel.checkpoint.nodes`).
 from __future__ import annotations
 
 import datetime
+import errno
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -275,8 +277,8 @@ def _agree_written(ctx: Context, error: BaseException | None, job: _Job) -> None
     remove the temporary folder and every rank raises.
 
     Raises:
-        CheckpointSaveError: a rank could not write (disk full, ...): names the space
-            free and needed.
+        CheckpointSaveError: a rank could not write: its error; for a full disk or
+            quota, the space free and needed.
         AccelError: a rank failed otherwise (a state that cannot be saved): its error.
     """
     reports = ops.gather_object({"error": _summary(error, ctx.rank), "bytes": job.size,
@@ -326,13 +328,25 @@ def _discard(tmp: Path) -> int:
 
 def _save_error(target: Path, tmp: Path, cause: str, free: int, needed: int,
                 error: BaseException | None) -> CheckpointSaveError:
+    space = (f"{tmp.parent} has {format_size(free)} free and the checkpoint needs about "
+             f"{format_size(needed)}; ")
+    if _out_of_space(cause, free, needed):
+        advice = ("Free space, save elsewhere, or keep fewer checkpoints "
+                  "(CheckpointFolder(..., total_limit=N))")
+    else:  # permissions, a read-only or vanished filesystem: space is not the cause
+        space, advice = "", "Fix the cause above, or save elsewhere"
     failure = CheckpointSaveError(
-        f"could not save the checkpoint {target}: {cause}. {tmp.parent} has "
-        f"{format_size(free)} free and the checkpoint needs about {format_size(needed)}; "
-        f"its partial folder {tmp.name} was removed. Free space, save elsewhere, or keep "
-        "fewer checkpoints (CheckpointFolder(..., total_limit=N))")
+        f"could not save the checkpoint {target}: {cause}. {space}its partial folder "
+        f"{tmp.name} was removed. {advice}")
     failure.errno = getattr(error, "errno", None)  # ENOSPC, where this rank saw it
     return failure
+
+
+def _out_of_space(cause: str, free: int, needed: int) -> bool:
+    """Any rank's error says the disk or quota is full (the cause holds each rank's
+    message), or the folder has less room than the checkpoint needs."""
+    return (free < needed or os.strerror(errno.ENOSPC) in cause
+            or os.strerror(errno.EDQUOT) in cause)
 
 
 def _summary(error: BaseException | None, rank: int) -> str | None:
