@@ -5,7 +5,7 @@ checkpoint of an older accel (``"crc32"``: zlib's CRC32 of the whole file) still
 verifies. accel records ``"xxh3_64_per_64MiB"``: the XXH3-64 digest of each 64 MiB
 segment of the file, in order. XXH3 (the `xxhash` package, BSD licensed, a dependency
 of accel) runs at memory speed and releases the GIL; the segments let a load verify a
-large file on several cores at once (`digest_of`), while the kernel reads ahead. Both
+large file on several cores at once (`digest_of`), each segment read in whole first. Both
 catch truncation and corruption; neither resists tampering. Without xxhash installed,
 saves fall back to CRC32, and an XXH3 record loads only with verify=False.
 """
@@ -92,25 +92,23 @@ def make_record(size: int, hasher: Hasher) -> dict[str, Any]:
 def digest_of(data: Any, algorithm: str, read_ahead: ReadAhead | None = None) -> Any:
     """The checksum value of all of `data` (a mapping: the kernel reads it ahead).
 
-    XXH3 segments are hashed on several threads (each reads ahead of itself); CRC32, one
-    running value, in one pass.
+    XXH3 segments are hashed on several threads, each bringing its segment in first
+    (`read_ahead`); CRC32, one running value, in one pass, segment after segment.
     """
     size = len(data)
     if _known(algorithm) == CRC32:
         hasher = Hasher(CRC32)
         for start in range(0, size, SEGMENT):
             if read_ahead is not None:
-                read_ahead(start + SEGMENT, 2 * SEGMENT)
+                read_ahead(start, SEGMENT)
             hasher.update(memoryview(data)[start:start + SEGMENT])
         return hasher.value()
     starts = range(0, size, SEGMENT)
     workers = _workers()
-    if read_ahead is not None:
-        read_ahead(0, workers * SEGMENT)
 
     def segment(start: int) -> str:
-        if read_ahead is not None:  # the segment this worker takes next, probably
-            read_ahead(start + workers * SEGMENT, SEGMENT)
+        if read_ahead is not None:  # each worker brings its segment in, in parallel
+            read_ahead(start, SEGMENT)
         with memoryview(data) as view:
             return xxhash.xxh3_64_hexdigest(view[start:start + SEGMENT])
 

