@@ -33,14 +33,14 @@ Outcome = tuple[str, bool, str]
 def check_device() -> None:
     """The configured device (`--device`, else detected) holds a tensor on this rank."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(None, local_rank, os.environ)
     try:
+        device = resolve_device(None, local_rank, os.environ)
         torch.ones(1, device=device).add_(1).cpu()
-    except Exception as exc:  # noqa: BLE001 - torch's own words, with the setting's name
+    except Exception as exc:  # noqa: BLE001 - accel's or torch's words, with the setting
         configured = os.environ.get("ACCEL_DEVICE")
         where = f"the configured device {configured!r} ($ACCEL_DEVICE, from --device or " \
                 "the config file)" if configured else "the detected device"
-        raise AssertionError(f"{where} is {device} here, which cannot hold a tensor: "
+        raise AssertionError(f"{where} cannot hold a tensor here: "
                              f"{type(exc).__name__}: {exc}") from exc
 
 
