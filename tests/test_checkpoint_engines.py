@@ -1,11 +1,11 @@
-"""Any engine to any engine: a checkpoint saved under DDP, FSDP2, ZeRO-2 or ZeRO-3 loads
+"""Any engine to any engine: a checkpoint saved under DDP, FSDP2 or ZeRO-1/2/3 loads
 under each of them, with the same parameters and optimizer state, bitwise.
 
 DDP and ZeRO write the full layout (whole tensors, rank 0); FSDP2 the sharded one (each
 rank's shards through torch DCP). Every engine loads both: a full checkpoint is handed
 whole to the engine, which shards it; a sharded one is read piecewise where the engine
 has a sharded form (FSDP2, DDP), and whole on rank 0 where it has none (ZeRO, whose flat
-partitions are its own). One world of 2 ranks runs all 16 pairs on a tiny model.
+partitions are its own). One world of 2 ranks runs all 25 pairs on a tiny model.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from accel.backends import backend_for
 from accel.checkpoint import load_state, save_state
 from accel.testing import run_world
 
-ENGINES = ("ddp", "fsdp", "zero2", "zero3")
+ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
 def strategy(engine: str):
@@ -92,4 +92,4 @@ def test_every_engine_loads_every_engines_checkpoint_bitwise(tmp_path):
                 if result[1] != 2 or result[2] or result[3]}
     assert not failures, failures
     assert {outcome[source, "ddp"][0] for source in ENGINES} == {"full", "sharded"}
-    assert len(outcome) == 16
+    assert len(outcome) == 25
