@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from accel.testing import LAUNCH_VARIABLES
@@ -14,12 +15,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def accel_cli(*args: str, pythonpath: tuple[Path, ...] = (), extra_env: dict | None = None,
               timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run `python -m accel ARGS` as a user would, with this checkout importable."""
+    """Run `python -m accel ARGS` as a user would, with this checkout importable, in a
+    working directory of its own: what a script writes there (a tutorial's runs/) is not
+    left in the checkout. Arguments naming the checkout's files are made absolute."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join(map(str, (REPO, *pythonpath)))
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "accel", *args], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="accel-cli-") as cwd:
+        return subprocess.run([sys.executable, "-m", "accel", *map(_in_checkout, args)],
+                              capture_output=True, text=True, env=env, cwd=cwd,
+                              timeout=timeout)
+
+
+def _in_checkout(arg: str) -> str:
+    return str(REPO / arg) if not arg.startswith("-") and (REPO / arg).exists() else arg
 
 
 def train_through_loader(model, ctx, data, *, strategy, batch_size: int, accumulation: int,
