@@ -16,7 +16,7 @@ import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -42,6 +42,7 @@ from accel.backends._checkpointing import (  # noqa: F401  (CheckpointedForward:
     checkpoint_module,
     is_checkpointed,
 )
+from accel.backends._fsdp_mesh import fsdp_mesh, sum_over_cp
 from accel.backends._fsdp_sync import follow_forwards as _follow_forwards
 from accel.context import Context
 from accel.errors import IncompatibleOptionsError, InvalidOptionError, UnsupportedError
@@ -190,7 +191,7 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
     if on_meta:
         _check_initialisable(model, strategy.init_fn)
     options: dict[str, Any] = dict(
-        mesh=_mesh(ctx, strategy), mp_policy=_mixed_precision(strategy, ctx),
+        mesh=fsdp_mesh(ctx, strategy), mp_policy=_mixed_precision(strategy, ctx),
         offload_policy=_offload_policy(strategy, ctx),
     )
     if strategy.reshard_after_forward is not None:
@@ -205,7 +206,7 @@ def wrap_model(model: nn.Module, ctx: Context, strategy: Any) -> nn.Module:
         # train a model stitched from several, and HSDP replicas would never agree.
         state.sync_from_rank0(unit, ctx)
         fully_shard(unit, **options)
-        _sum_over_cp(unit, ctx)
+        sum_over_cp(unit, ctx)
         _link_sharded_parameters(slots)
     collect_engine_cycles_at_exit()
     _follow_forwards(model)  # from the first forward on, so no_sync's rule always holds
@@ -283,60 +284,6 @@ def _check_process_group(ctx: Context) -> None:
             "script.py` and use accel.init(); for one process start a group of size 1 "
             "(torch.distributed.init_process_group) and use accel.Context.from_process_group()"
         )
-
-
-def _mesh(ctx: Context, strategy: Any) -> DeviceMesh:
-    if strategy.mesh is not None:
-        return strategy.mesh
-    degree = strategy.replicate_degree
-    if degree is None:
-        return _data_parallel_mesh(ctx)
-    if not ctx.layout.only_data_parallel or len(ctx.layout.dp_names) > 1:
-        raise IncompatibleOptionsError(
-            f"FSDP(replicate_degree={degree!r}) cannot be combined with the mesh "
-            f"{ctx.layout} of accel.init(mesh=...): give the replicas as the mesh's "
-            "'dp_replicate' dimension instead"
-        )
-    if not isinstance(degree, int) or degree < 1 or ctx.world_size % degree:
-        raise IncompatibleOptionsError(
-            f"FSDP(replicate_degree={degree!r}) must be a positive divisor of the world size "
-            f"{ctx.world_size}"
-        )
-    if ctx.group is not None:
-        raise IncompatibleOptionsError(
-            "FSDP(replicate_degree=...) builds its mesh from the default process group; for "
-            "a group of your own build a 2-D DeviceMesh and pass FSDP(mesh=...)"
-        )
-    return init_device_mesh(ctx.device.type, (degree, ctx.world_size // degree),
-                            mesh_dim_names=("replicate", "shard"))
-
-
-def _data_parallel_mesh(ctx: Context) -> DeviceMesh:
-    """The data-parallel dimensions of ctx.mesh: 1-D (FSDP) or replicate x shard (HSDP).
-
-    Under context parallelism the cp ranks hold the same parameters and see parts of the
-    same sequences: FSDP shards over dp_shard x cp, flattened (torchtitan's dp_shard_cp).
-    """
-    mesh, names = ctx.mesh, ctx.layout.dp_names
-    if ctx.context_parallel:
-        names = _with_cp_sharded(mesh, names)
-    if tuple(mesh.mesh_dim_names) == names:
-        return mesh
-    return mesh[names]
-
-
-def _with_cp_sharded(mesh: DeviceMesh, names: tuple[str, ...]) -> tuple[str, ...]:
-    if "dp_shard" not in names:
-        return (*names, "cp")
-    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-    return tuple("dp_shard_cp" if name == "dp_shard" else name for name in names)
-
-
-def _sum_over_cp(unit: nn.Module, ctx: Context) -> None:
-    """The cp ranks' gradients are parts of one sequence's: summed, and averaged over dp."""
-    if ctx.context_parallel:
-        unit.set_gradient_divide_factor(float(ctx.dp_size))
-        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
 def _mixed_precision(strategy: Any, ctx: Context) -> MixedPrecisionPolicy:

@@ -76,16 +76,12 @@ class _CpuFlash:
         return {"dropout_p": 0.0, "scale": scale}
 
 
-class _CudaFlash:
-    """The CUDA flash kernel (fp16 / bf16), with the arguments torch's ring passes it."""
+class _CudaFlash(_CpuFlash):
+    """The CUDA flash kernel (fp16 / bf16): the CPU kernel's forward arguments, and the
+    sequence bookkeeping its backward needs back."""
 
     forward = aten._scaled_dot_product_flash_attention
     backward = aten._scaled_dot_product_flash_attention_backward.default
-    grad_out_name = "grad_out"
-
-    @staticmethod
-    def forward_kwargs(scale: float | None) -> dict[str, Any]:
-        return {"dropout_p": 0.0, "scale": scale}
 
     @staticmethod
     def saved(rest: list[Any]) -> list[Any]:
