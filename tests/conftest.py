@@ -62,4 +62,7 @@ def _no_leaks():
     assert not changed, f"the test changed environment variables {sorted(changed)}"
     leaked = [t for t in threading.enumerate()
               if t.ident not in threads_before and t.is_alive() and not t.daemon]
+    for thread in leaked:  # transformers ends its loading pool with shutdown(wait=False)
+        thread.join(timeout=2.0)
+    leaked = [t for t in leaked if t.is_alive()]
     assert not leaked, f"the test left threads running: {[t.name for t in leaked]}"

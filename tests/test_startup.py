@@ -24,18 +24,22 @@ HEAVY = ("torch.distributed.tensor", "torch.distributed.checkpoint", "torch.dist
 CORE = {"accel", "accel.context", "accel.errors", "accel.launch_settings", "accel.mesh",
         "accel.process_group", "accel.validation", "accel.world"}
 
-REPORT = f"""
-import json, sys
+
+def report_script(folder) -> str:
+    """Code defining `report(label)`: what is loaded, written to `folder`/`label`.json (one
+    file per report: two ranks' lines of several KB interleave on a shared stdout pipe)."""
+    return f"""
+import json, sys, pathlib
 HEAVY = {HEAVY!r}
 def loaded(prefixes):
     return sorted({{p for p in prefixes for m in sys.modules if m == p or m.startswith(p + ".")}})
 def report(label):
-    print(label, json.dumps({{"heavy": loaded(HEAVY), "torch": "torch" in sys.modules,
-                             "accel": sorted(m for m in sys.modules if m.startswith("accel"))}}),
-          flush=True)
+    seen = {{"heavy": loaded(HEAVY), "torch": "torch" in sys.modules,
+             "accel": sorted(m for m in sys.modules if m.startswith("accel"))}}
+    pathlib.Path({str(folder)!r}, label + ".json").write_text(json.dumps(seen))
 """
 
-INIT_SCRIPT = REPORT + """
+INIT_SCRIPT = """
 import accel
 report("IMPORT")
 ctx = accel.init()
@@ -44,22 +48,21 @@ accel.shutdown(ctx)
 """
 
 
-def reports(text: str) -> dict[str, dict]:
-    return {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
-            for line in text.splitlines() if line.startswith(("IMPORT", "INIT", "LAUNCHER"))}
+def reports(folder) -> dict[str, dict]:
+    return {file.stem: json.loads(file.read_text()) for file in folder.glob("*.json")}
 
 
-def test_import_accel_loads_neither_torch_nor_any_module_of_accel():
-    out = subprocess.run([sys.executable, "-c", REPORT + "import accel\nreport('IMPORT')"],
-                         capture_output=True, text=True, cwd=REPO, check=True)
-    seen = reports(out.stdout)["IMPORT"]
+def test_import_accel_loads_neither_torch_nor_any_module_of_accel(tmp_path):
+    subprocess.run([sys.executable, "-c", report_script(tmp_path) + "import accel\n"
+                    "report('IMPORT')"], capture_output=True, text=True, cwd=REPO, check=True)
+    seen = reports(tmp_path)["IMPORT"]
     assert seen == {"heavy": [], "torch": False, "accel": ["accel"]}
 
 
-def test_init_alone_loads_the_core_and_nothing_heavy():
-    out = subprocess.run([sys.executable, "-c", INIT_SCRIPT], capture_output=True, text=True,
-                         cwd=REPO, check=True)
-    seen = reports(out.stdout)["INIT0"]
+def test_init_alone_loads_the_core_and_nothing_heavy(tmp_path):
+    subprocess.run([sys.executable, "-c", report_script(tmp_path) + INIT_SCRIPT],
+                   capture_output=True, text=True, cwd=REPO, check=True)
+    seen = reports(tmp_path)["INIT0"]
     assert seen["heavy"] == [], seen
     assert set(seen["accel"]) <= CORE, seen["accel"]
 
@@ -67,10 +70,10 @@ def test_init_alone_loads_the_core_and_nothing_heavy():
 @pytest.mark.spawned
 def test_a_launched_worker_loads_what_init_needs_and_nothing_heavy(tmp_path):
     script = tmp_path / "trivial.py"
-    script.write_text(INIT_SCRIPT)
+    script.write_text(report_script(tmp_path) + INIT_SCRIPT)
     result = accel_cli("launch", "-n", "2", str(script))
     assert result.returncode == 0, result.stderr
-    seen = reports(result.stdout)
+    seen = reports(tmp_path)
     for rank in (0, 1):
         assert seen[f"INIT{rank}"]["heavy"] == [], seen
         # the worker entry (accel.cli._worker) runs the script; nothing else of the CLI
@@ -81,12 +84,12 @@ def test_a_launched_worker_loads_what_init_needs_and_nothing_heavy(tmp_path):
 def test_the_launcher_loads_no_other_command(tmp_path):
     script = tmp_path / "trivial.py"
     script.write_text("import accel\naccel.shutdown(accel.init())\n")
-    code = REPORT + (f"from accel.cli.main import main\ncode = main(['launch', '-n', '1', "
+    code = report_script(tmp_path) + (f"from accel.cli.main import main\ncode = main(['launch', '-n', '1', "
                      f"{str(script)!r}])\nreport('LAUNCHER')\nsys.exit(code)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, timeout=180)
     assert out.returncode == 0, out.stderr
-    seen = reports(out.stdout)["LAUNCHER"]
+    seen = reports(tmp_path)["LAUNCHER"]
     services = ("accel.checkpoint", "accel.inference", "accel.tracking",
                 "torch.distributed.tensor", "transformers", "safetensors")
     assert not [m for m in seen["heavy"] if m.startswith(services)], seen
