@@ -34,6 +34,10 @@ blocking save.
 
     python bench/checkpoint.py             # 3 rounds, ~15 minutes on a busy 2-core machine
     python bench/checkpoint.py --quick     # 1 round
+    python bench/checkpoint.py --read-limit 2    # reads at 2 GB/s, an SSD's speed (root)
+
+A virtual machine's evicted reads may come from the host's page cache at memory speed
+(3.8 GB/s on the 2-core VM): `--read-limit` measures at a real disk's speed too.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from read_limit import read_limited
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS, WIDTH = 16, 4096
@@ -179,23 +186,25 @@ def worker(impl: str, workdir: Path) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def run_worker(impl: str, workdir: Path) -> dict:
+def run_worker(impl: str, workdir: Path, enter: Callable[[], None] | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1", "TQDM_DISABLE": "1"}
     command = [sys.executable, __file__, "--worker", impl, "--workdir", str(workdir)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900,
+                            preexec_fn=enter)
     if result.returncode != 0:
         raise RuntimeError(f"{impl} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def rounds(impls: tuple[str, ...], count: int, workdir: Path) -> list[dict]:
+def rounds(impls: tuple[str, ...], count: int, workdir: Path,
+           enter: Callable[[], None] | None = None) -> list[dict]:
     results = []
     for index in range(count):
         shift = index % len(impls)
         for impl in impls[shift:] + impls[:shift]:  # rotating order, round by round
             load_average = os.getloadavg()[0]
-            result = run_worker(impl, workdir)
+            result = run_worker(impl, workdir, enter)
             result["loadavg"], result["round"] = load_average, index
             results.append(result)
             print(json.dumps(result), flush=True)
@@ -252,13 +261,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--impl", default=",".join(IMPLS), help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="1 round")
+    parser.add_argument("--read-limit", type=float, metavar="GB/s",
+                        help="cap the disk's read speed for every worker (root; read_limit.py)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.worker:
         print(json.dumps(worker(args.worker, args.workdir)))
         return
     impls = tuple(args.impl.split(","))
-    results = rounds(impls, 1 if args.quick else args.rounds, args.workdir)
+    count = 1 if args.quick else args.rounds
+    if args.read_limit:
+        with read_limited(args.workdir, args.read_limit) as enter:
+            results = rounds(impls, count, args.workdir, enter)
+        print(f"disk reads capped at {args.read_limit:g} GB/s")
+    else:
+        results = rounds(impls, count, args.workdir)
     print(summarize(results, impls))
 
 

@@ -39,6 +39,12 @@ def _region(name: str, forward: Any, backward: Any, doc: str) -> type:
     return Region
 
 
+# torch 2.13 renamed the one-tensor collectives and warns on the old names; older torch
+# (the XLA lane's 2.9) has only those.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _same(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     return tensor
 
@@ -53,7 +59,7 @@ def _gather(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     """[b, s/tp, ...] slices of every rank -> [b, s, ...], in rank order."""
     local = tensor.transpose(0, 1).contiguous()  # the collective concatenates dimension 0
     whole = local.new_empty((local.shape[0] * dist.get_world_size(group), *local.shape[1:]))
-    dist.all_gather_into_tensor(whole, local, group=group)
+    _ALL_GATHER(whole, local, group=group)
     return whole.transpose(0, 1)
 
 
@@ -61,7 +67,7 @@ def _reduce_scatter(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     """[b, s, ...] partial sums -> this rank's [b, s/tp, ...] slice of their total."""
     whole = tensor.transpose(0, 1).contiguous()
     local = whole.new_empty((whole.shape[0] // dist.get_world_size(group), *whole.shape[1:]))
-    dist.reduce_scatter_tensor(local, whole, group=group)
+    _REDUCE_SCATTER(local, whole, group=group)
     return local.transpose(0, 1)
 
 
