@@ -32,7 +32,7 @@ HEAVY = (
     "tests/test_elastic.py::test_a_lost_node_is_survived",
     "tests/test_tutorials.py::test_08_tensor_parallel_x_fsdp",
     "tests/test_tensor_parallel.py::test_tp2_x_hsdp_2x2_on_eight_ranks",
-    "tests/test_load_pretrained_tutorial.py::test_tutorial_09",
+    "tests/test_load_pretrained_tutorial.py::test_tutorial_09",  # both tutorial 09 runs
     "tests/test_pipeline_tutorial.py::test_10_pipeline",
     "tests/test_load_pretrained_memory.py::test_peak_memory",
     "tests/test_compile.py::test_inductor_compiles_a_block_class_once",

@@ -84,8 +84,9 @@ def test_a_launched_worker_loads_what_init_needs_and_nothing_heavy(tmp_path):
 def test_the_launcher_loads_no_other_command(tmp_path):
     script = tmp_path / "trivial.py"
     script.write_text("import accel\naccel.shutdown(accel.init())\n")
-    code = report_script(tmp_path) + (f"from accel.cli.main import main\ncode = main(['launch', '-n', '1', "
-                     f"{str(script)!r}])\nreport('LAUNCHER')\nsys.exit(code)")
+    code = report_script(tmp_path) + (
+        f"from accel.cli.main import main\ncode = main(['launch', '-n', '1', "
+        f"{str(script)!r}])\nreport('LAUNCHER')\nsys.exit(code)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, timeout=180)
     assert out.returncode == 0, out.stderr
