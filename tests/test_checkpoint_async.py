@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 import accel
 from accel.checkpoint import CheckpointFolder, load_state, save_state
 from accel.checkpoint.background import AsyncSave
-from accel.errors import InvalidArgumentError
+from accel.errors import CheckpointSaveError, IncompatibleOptionsError, InvalidArgumentError
 from accel.testing import run_world
 
 
@@ -48,12 +49,14 @@ def whole(model) -> dict[str, torch.Tensor]:
         model, nn.parallel.DistributedDataParallel) else model)
 
 
-def test_the_handle_comes_back_at_once_and_the_checkpoint_holds_that_moment(tmp_path):
+@pytest.mark.parametrize("staging", ["copy", "overlap"])
+def test_the_handle_comes_back_at_once_and_the_checkpoint_holds_that_moment(tmp_path,
+                                                                           staging):
     model, optimizer, ctx = build(accel.Context())
     train(model, optimizer, ctx, 2)
     at_save = whole(model)
     handle = save_state(tmp_path / "ckpt", ctx, model=model, optimizer=optimizer,
-                        blocking=False)
+                        blocking=False, staging=staging)
     assert isinstance(handle, AsyncSave)
     train(model, optimizer, ctx, 3)  # changes every parameter in place, right away
     path = handle.wait()
@@ -63,6 +66,67 @@ def test_the_handle_comes_back_at_once_and_the_checkpoint_holds_that_moment(tmp_
     assert info.step == 2
     assert all(torch.equal(at_save[name], value) for name, value in whole(fresh).items())
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_overlap_holds_the_next_optimizer_step_until_the_stepped_tensors_are_copied(
+        tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)])  # 32 MB to copy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 1024)).sum().backward()
+    at_save = {name: value.clone() for name, value in model.state_dict().items()}
+    ctx = accel.Context()
+    seen = []
+    optimizer.register_step_pre_hook(lambda *_: seen.append(handle.staged()))
+    handle = save_state(tmp_path / "ckpt", ctx, model=model, optimizer=optimizer,
+                        blocking=False, staging="overlap")
+    optimizer.step()  # at once: runs only after the background has copied the parameters
+    assert seen == [True]
+    handle.wait()
+    fresh = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)])
+    load_state(tmp_path / "ckpt", ctx, model=fresh, optimizer=torch.optim.SGD(
+        fresh.parameters(), lr=0.1))
+    assert all(torch.equal(at_save[name], value) for name, value in fresh.state_dict().items())
+    assert not torch.equal(at_save["0.weight"], model[0].weight)  # the step did change it
+
+
+class ChangesAParameter:
+    """An extra whose state_dict(), called after the stepped tensors were listed and
+    before the background copies them, changes one of them in place (a deterministic
+    stand-in for user code that changes parameters outside the optimizer)."""
+
+    def __init__(self, parameter):
+        self.parameter = parameter
+
+    def state_dict(self):
+        with torch.no_grad():
+            self.parameter.add_(1.0)
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_overlap_refuses_a_parameter_changed_outside_the_optimizer(tmp_path):
+    model, optimizer, ctx = build(accel.Context())
+    handle = save_state(tmp_path / "ckpt", ctx, model=model, optimizer=optimizer,
+                        blocking=False, staging="overlap",
+                        sneaky=ChangesAParameter(model[0].weight))
+    with pytest.raises(CheckpointSaveError, match="changed in place.*staging='copy'"):
+        handle.wait()
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_staging_is_checked():
+    model, optimizer, ctx = build(accel.Context())
+    with pytest.raises(InvalidArgumentError, match="staging='later'.*'copy'.*'overlap'"):
+        save_state("unused", ctx, model=model, blocking=False, staging="later")
+    with pytest.raises(IncompatibleOptionsError, match="blocking=False"):
+        save_state("unused", ctx, model=model, staging="overlap")
+    deepspeed = attrs.evolve(ctx, backend="deepspeed")
+    with pytest.raises(IncompatibleOptionsError, match="under 'deepspeed'.*staging='copy'"):
+        save_state("unused", deepspeed, model=model, blocking=False, staging="overlap")
+    assert not Path("unused").exists()
 
 
 class Unsaveable:
@@ -92,26 +156,29 @@ def test_the_next_save_and_a_load_wait_and_a_failure_surfaces_once(tmp_path):
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
 
 
-def save_in_background_and_train_on(ctx, directory):
+def save_in_background_and_train_on(ctx, directory, staging):
     """FSDP2 (sharded) then DDP (full) saves in the background while the ranks train."""
     root = Path(directory)
     fsdp, fsdp_optimizer, fsdp_ctx = build(ctx, strategy="fsdp")
     train(fsdp, fsdp_optimizer, fsdp_ctx, 2)
     expected = {"fsdp": whole(fsdp)}
     save_state(root / "fsdp", fsdp_ctx, model=fsdp, optimizer=fsdp_optimizer, rng=False,
-               blocking=False)
+               blocking=False, staging=staging)
     train(fsdp, fsdp_optimizer, fsdp_ctx, 3)  # all-gathers and reduce-scatters meanwhile
     ddp, ddp_optimizer, ddp_ctx = build(ctx, strategy="ddp")
     train(ddp, ddp_optimizer, ddp_ctx, 2)
     expected["ddp"] = whole(ddp)
     save_state(root / "ddp", ddp_ctx, model=ddp, optimizer=ddp_optimizer, rng=False,
-               blocking=False)  # waits for the FSDP save first
+               blocking=False, staging=staging)  # waits for the FSDP save first
     train(ddp, ddp_optimizer, ddp_ctx, 3)  # all-reduces while the DDP save writes
     return expected  # run_world calls accel.shutdown, which waits for the DDP save
 
 
-def test_two_ranks_save_in_the_background_while_training_and_shutdown_waits(tmp_path):
-    expected = run_world(save_in_background_and_train_on, 2, str(tmp_path), timeout=240)[0]
+@pytest.mark.parametrize("staging", ["copy", "overlap"])
+def test_two_ranks_save_in_the_background_while_training_and_shutdown_waits(tmp_path,
+                                                                            staging):
+    expected = run_world(save_in_background_and_train_on, 2, str(tmp_path), staging,
+                         timeout=240)[0]
     for name, layout in (("fsdp", "sharded"), ("ddp", "full")):
         model, optimizer, ctx = build(accel.Context(), seed=1)
         info = load_state(tmp_path / name, ctx, model=model, optimizer=optimizer, rng=False)

@@ -214,26 +214,35 @@ def test_07_tutorial_resumes_where_it_stopped(tmp_path):
 
 
 def stateless_sgd_round_trip(ctx, directory):
-    """SGD without momentum keeps no tensors: torch's whole-state load finds no device."""
+    """SGD without momentum keeps no tensors: torch's whole-state load finds no device.
+    Neither the save nor the load takes a step or makes gradients (torch's state helpers
+    would, with zero gradients on every parameter, to create state SGD never has)."""
     torch.manual_seed(0)
     base, strategy = ctx, "ddp" if ctx.world_size > 1 else "single"
     model, ctx = accel.shard_model(nn.Linear(4, 2), base, strategy=strategy)
     optimizer, ctx = accel.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), ctx)
     accel.backward(model(torch.randn(3, 4)).sum(), optimizer, ctx)
     optimizer.step()
+    optimizer.zero_grad()
+    steps = []
+    optimizer.optimizer.register_step_pre_hook(lambda *_: steps.append("save"))
     accel.save_state(directory, ctx, model=model, optimizer=optimizer)
     fresh, ctx2 = accel.shard_model(nn.Linear(4, 2), base, strategy=strategy)
     fresh_optimizer, ctx2 = accel.wrap_optimizer(torch.optim.SGD(fresh.parameters(), lr=0.5),
                                                  ctx2)
+    fresh_optimizer.optimizer.register_step_pre_hook(lambda *_: steps.append("load"))
     accel.load_state(directory, ctx2, model=fresh, optimizer=fresh_optimizer)
     return {"same": all(torch.equal(a, b) for a, b in zip(
                 accel.unwrap_model(model, ctx).parameters(),
                 accel.unwrap_model(fresh, ctx2).parameters(), strict=True)),
-            "lr": fresh_optimizer.param_groups[0]["lr"]}
+            "lr": fresh_optimizer.param_groups[0]["lr"], "steps": steps,
+            "grads": [p.grad for p in [*model.parameters(), *fresh.parameters()]
+                      if p.grad is not None]}
 
 
 @pytest.mark.spawned
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_stateless_optimizer_round_trips(tmp_path, world):
     ranks = run_world(stateless_sgd_round_trip, world, str(tmp_path / "sgd"), timeout=120)
-    assert all(rank == {"same": True, "lr": 0.1} for rank in ranks), ranks
+    assert all(rank == {"same": True, "lr": 0.1, "steps": [], "grads": []}
+               for rank in ranks), ranks

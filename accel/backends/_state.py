@@ -7,6 +7,8 @@ whatever engine trained a model, its state dicts carry the user's own names.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves
 
 from accel.backends._optimizer import AccelOptimizer
 from accel.errors import InvalidArgumentError
@@ -45,8 +47,9 @@ def get_state_dict(
     model_state = _without_strided_shards(get_model_state_dict(model, options=options))
     if optimizer is None:
         return model_state, None
-    optimizer_state = get_optimizer_state_dict(model, _torch_optimizer(optimizer),
-                                               options=options)
+    inner = _torch_optimizer(optimizer)
+    with _initialised(inner):
+        optimizer_state = get_optimizer_state_dict(model, inner, options=options)
     return model_state, _without_strided_shards(optimizer_state)
 
 
@@ -75,14 +78,15 @@ def set_state_dict(
     set_model_state_dict(model, _restride(dict(model_state), layouts), options=options)
     if optimizer is not None:
         inner, state = _torch_optimizer(optimizer), _copy_containers(optimizer_state)
-        if full and _is_stateless(model, inner):
+        if full and not inner.state and _is_stateless(inner):
             # torch's whole-state load takes the device from a tensor of the optimizer's
             # state and asserts without one ("Expected device to be set"); a stateless
             # optimizer (SGD without momentum) has none, and its state is only its param
             # groups: every rank loads them as its own.
             state = _from_rank0(state) if broadcast else state
             options = StateDictOptions(full_state_dict=False)
-        set_optimizer_state_dict(model, inner, _restride(state, layouts), options=options)
+        with _initialised(inner):
+            set_optimizer_state_dict(model, inner, _restride(state, layouts), options=options)
 
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -130,14 +134,48 @@ def _restride(state: dict[str, Any], layouts: dict[str, DTensor]) -> dict[str, A
     return state
 
 
-def _is_stateless(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """No tensor of one dimension or more in the optimizer's state, once torch has
-    initialised it (as its whole-state load does first)."""
-    local = get_optimizer_state_dict(model, optimizer,
-                                     options=StateDictOptions(full_state_dict=False))
-    found: list[bool] = []
-    tree_map_only(torch.Tensor, lambda tensor: found.append(tensor.dim() > 0), local["state"])
-    return not any(found)
+def _is_stateless(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step leaves no tensor of one dimension or more in the optimizer's state
+    (SGD without momentum): tried on a one-element parameter per param group, with the
+    group's settings. False where that cannot be tried (an optimizer whose groups hold
+    settings its constructor does not take)."""
+    for group in optimizer.param_groups:
+        probe = torch.zeros(1, requires_grad=True)
+        probe.grad = torch.zeros(1)
+        try:
+            twin = type(optimizer)([probe], **{key: group[key] for key in optimizer.defaults
+                                               if key in group})
+            twin.step()
+        except Exception:  # noqa: BLE001 - not constructible so: assume it has state
+            return False
+        if any(tensor.dim() > 0 for tensor in tree_leaves(dict(twin.state))
+               if isinstance(tensor, torch.Tensor)):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _initialised(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Keep torch's optimizer-state helpers from initialising a stateless optimizer.
+
+    Given an optimizer with no state and no gradients, they first take a step of zero
+    gradients on every parameter (a full-size zero tensor each, then the step) so that
+    every state tensor exists. A stateless one (SGD without momentum) gains nothing
+    from it, on every save and load; one small gradient, present for the call, tells
+    torch that the optimizer is ready.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]
+              if p.requires_grad]
+    if optimizer.state or not params or any(p.grad is not None for p in params) or (
+            not _is_stateless(optimizer)):
+        yield
+        return
+    smallest = min(params, key=lambda p: p.numel())
+    smallest.grad = torch.zeros_like(smallest)
+    try:
+        yield
+    finally:
+        smallest.grad = None
 
 
 def _from_rank0(state: Any) -> Any:

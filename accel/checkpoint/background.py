@@ -6,6 +6,10 @@ atomic rename). Its collectives (the ranks' agreement, torch.distributed.checkpo
 planning) run on a second process group of the same ranks (gloo, made once per
 group), so they never interleave with the training's collectives on the first one.
 
+With `staging="overlap"` the stepped tensors are copied by the thread itself, before it
+writes, while training runs its next forward and backward; a hook before every torch
+optimizer step (registered once per process) holds the step until those copies are made.
+
 One save per process is in flight at a time: the next `save_state`, any `load_state`
 and `accel.shutdown` wait for it first; its error, if it failed, is raised by the first
 of them (and by every `AsyncSave.wait`).
@@ -28,6 +32,10 @@ from accel.runtime import pending
 _TWINS: list[tuple[Any, Any]] = []
 _lock = threading.Lock()
 _in_flight: AsyncSave | None = None
+#: clear while a background save has yet to copy tensors an optimizer step changes
+_staged = threading.Event()
+_staged.set()
+_step_hook: list[Any] = []
 
 
 class AsyncSave:
@@ -54,6 +62,12 @@ class AsyncSave:
         """Whether the writing has finished (successfully or not); never blocks."""
         return not self._thread.is_alive()
 
+    def staged(self) -> bool:
+        """Whether the state is copied, so that nothing training does can change what is
+        written (with staging="copy": from the start; "overlap": once the background has
+        copied what optimizer steps change); never blocks."""
+        return self.done() or _staged.is_set()
+
     def wait(self) -> Path:
         """Block until the checkpoint is committed; return its final path.
 
@@ -73,15 +87,38 @@ class AsyncSave:
         return f"AsyncSave({state}{'' if self._result is None else f': {self._result}'})"
 
 
-def start(work: Callable[[], Path]) -> AsyncSave:
-    """Run `work` (the writing and committing of a staged save) in the background."""
+def start(work: Callable[[], Path], *, holds_steps: bool = False) -> AsyncSave:
+    """Run `work` (the writing and committing of a staged save) in the background.
+
+    `holds_steps`: every torch optimizer step waits until `work` calls
+    `release_steps()` (its deferred copies are made).
+    """
     global _in_flight
+    if holds_steps:
+        _hold_steps()
     handle = AsyncSave(work)
     with _lock:
         _in_flight = handle
     pending.register(wait_in_flight)
     handle._thread.start()
     return handle
+
+
+def _hold_steps() -> None:
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    _staged.clear()
+    if not _step_hook:  # once per process; a no-op while nothing is held
+        _step_hook.append(register_optimizer_step_pre_hook(_before_step))
+
+
+def release_steps() -> None:
+    """Let optimizer steps go on: the stepped tensors are copied (or failed to be)."""
+    _staged.set()
+
+
+def _before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    _staged.wait()
 
 
 def wait_in_flight() -> Path | None:

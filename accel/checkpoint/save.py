@@ -35,7 +35,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from accel.backends import SHARDED_CHECKPOINT, has_capability
-from accel.checkpoint.background import AsyncSave, background_context, start, wait_in_flight
+from accel.checkpoint.background import (
+    AsyncSave,
+    background_context,
+    release_steps,
+    start,
+    wait_in_flight,
+)
 from accel.checkpoint.checksum import ALGORITHM
 from accel.checkpoint.common import (
     FORMAT,
@@ -54,7 +60,7 @@ from accel.checkpoint.nodes import is_writer, on_writers
 from accel.checkpoint.nodes import layout as node_layout
 from accel.checkpoint.objects import KINDS, Objects, collect
 from accel.checkpoint.parts import write_part, write_sharded_part
-from accel.checkpoint.snapshot import Snapshot, stage, take
+from accel.checkpoint.snapshot import Deferred, Snapshot, stage, take
 from accel.checkpoint.staging import finish, new_staging, remove_stale, swap_in
 from accel.context import Context
 from accel.errors import CheckpointSaveError, IncompatibleOptionsError, InvalidArgumentError
@@ -70,7 +76,8 @@ def save_state(
     models: dict[str, nn.Module] | None = None, optimizers: dict[str, Any] | None = None,
     schedulers: dict[str, Any] | None = None, loaders: dict[str, Any] | None = None,
     rng: bool = True, step: int | None = None, select: Callable[[str], bool] | None = None,
-    blocking: bool = True, save_on_each_node: bool = False, **extra: Any,
+    blocking: bool = True, staging: str = "copy", save_on_each_node: bool = False,
+    **extra: Any,
 ) -> Path | AsyncSave:
     """Save everything a run needs to resume exactly; call it on every rank.
 
@@ -93,6 +100,16 @@ def save_state(
             (to pinned host memory from a GPU), and writes, checksums and commits it
             in the background; the next save, a load or `accel.shutdown` waits for it
             (so does ``handle.wait()``), and raises its error if it failed.
+        staging: with blocking=False, when the state is copied. "copy": all of it
+            before save_state returns (the stall: one copy of the state, at memory
+            speed). "overlap": only what forward and backward may change (buffers,
+            tensors not stepped by a torch optimizer, rng, loader, scheduler) before it
+            returns; the parameters and state a torch optimizer steps are copied in
+            the background while the next forward and backward run, and the next
+            optimizer step (any torch optimizer's) waits until they are. Until then
+            change the parameters only through the optimizer: an in-place change is
+            detected and fails the save, a write through ``.data`` is not. Single
+            process, DDP and FSDP2.
         save_on_each_node: `path` is on each node's own disk (no shared filesystem):
             each node writes what its ranks need to load; such a checkpoint loads on
             the same node layout only (see `accel.checkpoint.nodes` for the limits).
@@ -123,12 +140,12 @@ def save_state(
                      node_local)
     job = _Job(path=path, tmp=tmp, layout=_layout(ctx, node_local), node_local=node_local,
                size=_state_bytes(objects, ctx))
-    error, snapshot = None, None
+    error, snapshot, deferred = None, None, Deferred()
     try:
         snapshot = take(ctx, objects, rng=rng, step=step, extra=extra, select=select,
                         layout=job.layout, writer=is_writer(ctx, node_local))
         if not blocking:
-            snapshot = stage(snapshot, objects, ctx)
+            snapshot, deferred = stage(snapshot, objects, ctx, overlap=staging == "overlap")
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it
         error = exc
     if blocking:
@@ -140,7 +157,18 @@ def save_state(
             finish(tmp, remove=True)
         raise
     quiet = background_context(ctx)
-    return start(lambda: _write_and_commit(quiet, job, snapshot, None))
+
+    def work() -> Path:
+        try:
+            deferred.run()
+            staged_error = None
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it
+            staged_error = exc
+        finally:
+            release_steps()
+        return _write_and_commit(quiet, job, snapshot, staged_error)
+
+    return start(work, holds_steps=bool(deferred.copies))
 
 
 @attrs.frozen
@@ -173,10 +201,33 @@ def _check_arguments(path: Any, ctx: Any, given: dict[str, Any], extra: dict[str
     check_callable("save_state", "select", given["select"],
                    "a function of a state name returning True to save it", optional=True)
     check_bool("save_state", "blocking", given["blocking"])
+    _check_staging(given["staging"], given["blocking"], ctx)
     check_bool("save_state", "save_on_each_node", given["save_on_each_node"])
     check_extras(extra, "save_state")
     return collect("save_state", {kind: given[kind] for kind in KINDS},
                    {f"{kind}s": given[f"{kind}s"] for kind in KINDS})
+
+
+def _check_staging(staging: Any, blocking: bool, ctx: Context) -> None:
+    if staging not in ("copy", "overlap"):
+        raise InvalidArgumentError(
+            f"save_state(staging={staging!r}): pass 'copy' (the whole state copied before "
+            "it returns) or 'overlap' (the stepped tensors copied during the next forward "
+            "and backward)")
+    if staging == "overlap" and blocking:
+        raise IncompatibleOptionsError(
+            "save_state(staging='overlap') stages a save in the background: pass "
+            "blocking=False with it")
+    if staging == "overlap" and ctx.backend not in _OVERLAP_ENGINES:
+        raise IncompatibleOptionsError(
+            f"save_state(staging='overlap') is not available under {ctx.backend!r}, whose "
+            "optimizer step changes tensors outside a torch optimizer's step; use "
+            f"staging='copy' (engines with it: {', '.join(_OVERLAP_ENGINES)})")
+
+
+#: engines whose saved tensors change only in a torch optimizer's step (and forward's
+#: buffers, which are copied at once)
+_OVERLAP_ENGINES = ("single", "ddp", "fsdp")
 
 
 def _write_and_commit(ctx: Context, job: _Job, snapshot: Snapshot | None,

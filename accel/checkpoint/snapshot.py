@@ -15,6 +15,7 @@ in host memory for as long as the process saves in the background.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext as _nothing
 from typing import Any
 
 import attrs
@@ -29,7 +30,7 @@ from accel.checkpoint.parts import rng_state
 from accel.checkpoint.ties import drop_aliases, tied_aliases
 from accel.checkpoint.validate import inner_optimizer, optimizer_class, scheduler_class
 from accel.context import Context
-from accel.errors import InvalidArgumentError
+from accel.errors import CheckpointSaveError, InvalidArgumentError
 from accel.transforms.optim import AccelOptimizer
 
 Select = Callable[[str], bool]
@@ -165,16 +166,28 @@ def _saved(objects: Objects, models: dict[str, Any], rng: bool,
 
 # ---------------------------------------------------------------- staging for the background
 
-def stage(snapshot: Snapshot, objects: Objects, ctx: Context) -> Snapshot:
-    """A copy of `snapshot` that training can no longer change (see the module doc)."""
+def stage(snapshot: Snapshot, objects: Objects, ctx: Context, *, overlap: bool = False
+          ) -> tuple[Snapshot, Deferred]:
+    """A copy of `snapshot` that training can no longer change (see the module doc).
+
+    `overlap`: the tensors only an optimizer step changes (the stepped parameters and the
+    optimizer's state) are copied later, by `Deferred.run` in the background, while the
+    training's next forward and backward read them; the next optimizer step waits for
+    those copies first (`accel.checkpoint.staging_wait`). The rest is copied now.
+    """
     global _staged
     live = _live_storage(objects, ctx)
+    stepped = _stepped_storage(objects) if overlap else set()
     previous, _staged = _staged, {}
+    deferred = Deferred()
 
     def copy(where: str, tree: Any, everything: bool) -> Any:
-        def needs_copy(tensor: torch.Tensor) -> bool:
-            return everything or tensor.is_cuda or _storage(tensor) in live
-        return _copy_tensors(tree, needs_copy, (where,), previous)
+        def plan(tensor: torch.Tensor) -> str | None:
+            storage = _storage(tensor)
+            if storage in stepped:
+                return "later"
+            return "now" if everything or tensor.is_cuda or storage in live else None
+        return _copy_tensors(tree, plan, (where,), previous, deferred)
 
     staged = Snapshot(
         full={part: copy(part, tree, False) for part, tree in snapshot.full.items()},
@@ -183,8 +196,56 @@ def stage(snapshot: Snapshot, objects: Objects, ctx: Context) -> Snapshot:
         main=copy("main", snapshot.main_state(), True), saved=snapshot.saved,
         step=snapshot.step)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        deferred.after = torch.cuda.Event()
+        deferred.after.record()  # the deferred copies read what the GPU has computed so far
         torch.cuda.synchronize()  # the non-blocking copies to pinned memory have landed
-    return staged
+    return staged, deferred
+
+
+@attrs.define
+class Deferred:
+    """Copies of stepped tensors left for the background (empty unless overlapping)."""
+
+    #: (source, host copy, its place in the snapshot, the source's version at the save)
+    copies: list[tuple[torch.Tensor, torch.Tensor, tuple[Any, ...], int]] = attrs.Factory(list)
+    after: Any = None
+
+    def run(self) -> None:
+        """Make the copies; refuse if a source changed in place since the save began."""
+        if not self.copies:
+            return
+        side = torch.cuda.Stream() if self.after is not None else None
+        if side is not None:
+            side.wait_event(self.after)
+        with torch.cuda.stream(side) if side is not None else _nothing():
+            for source, copy, _, _ in self.copies:
+                copy.copy_(source, non_blocking=source.is_cuda)
+        if side is not None:
+            side.synchronize()
+        changed = [where for source, _, where, version in self.copies
+                   if source._version != version]
+        if changed:
+            raise CheckpointSaveError(
+                f"{len(changed)} tensors (e.g. {'.'.join(map(str, changed[0]))}) changed in "
+                "place after save_state(..., staging='overlap') and before the background "
+                "copied them: with 'overlap' only an optimizer step may change the saved "
+                "parameters until the next step begins; save with staging='copy' (the "
+                "default), or change them after the next optimizer step")
+
+
+def _stepped_storage(objects: Objects) -> set[int]:
+    """Storages only a torch optimizer step changes: its parameters and its state."""
+    tensors: list[torch.Tensor] = []
+    for optimizer in objects.optimizers.values():
+        inner = inner_optimizer(optimizer)
+        if not isinstance(inner, torch.optim.Optimizer):  # an engine's own: its own step
+            continue
+        tensors += [param for group in inner.param_groups for param in group["params"]]
+        for entry in inner.state.values():
+            if isinstance(entry, Mapping):
+                tensors += [value for value in entry.values() if isinstance(value, torch.Tensor)
+                            and value.dim() > 0]  # a scalar step count: copied now
+    return {_storage(tensor) for tensor in tensors}
 
 
 def _live_storage(objects: Objects, ctx: Context) -> set[int]:
@@ -204,31 +265,40 @@ def _storage(tensor: torch.Tensor) -> int:
     return local.untyped_storage().data_ptr() if local.numel() else id(local)
 
 
-def _copy_tensors(tree: Any, needs_copy: Callable[[torch.Tensor], bool],
-                  where: tuple[Any, ...], previous: dict[tuple[Any, ...], torch.Tensor]) -> Any:
+def _copy_tensors(tree: Any, plan: Callable[[torch.Tensor], str | None],
+                  where: tuple[Any, ...], previous: dict[tuple[Any, ...], torch.Tensor],
+                  deferred: Deferred) -> Any:
     if isinstance(tree, torch.Tensor):
-        return _host_copy(tree, where, previous) if needs_copy(tree) else tree
+        when = plan(tree)
+        return tree if when is None else _host_copy(tree, where, previous, deferred
+                                                    if when == "later" else None)
     if isinstance(tree, Mapping):
-        return {key: _copy_tensors(value, needs_copy, (*where, key), previous)
+        return {key: _copy_tensors(value, plan, (*where, key), previous, deferred)
                 for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_copy_tensors(value, needs_copy, (*where, index), previous)
+        return type(tree)(_copy_tensors(value, plan, (*where, index), previous, deferred)
                           for index, value in enumerate(tree))
     return tree
 
 
 def _host_copy(tensor: torch.Tensor, where: tuple[Any, ...],
-               previous: dict[tuple[Any, ...], torch.Tensor]) -> torch.Tensor:
-    """`tensor` copied to the CPU (pinned memory from a GPU); a DTensor stays one."""
+               previous: dict[tuple[Any, ...], torch.Tensor],
+               deferred: Deferred | None) -> torch.Tensor:
+    """`tensor` copied to the CPU (pinned memory from a GPU), now or, given `deferred`,
+    by `deferred.run()`; a DTensor stays one."""
     if isinstance(tensor, DTensor):
         # the same placement over the same mesh, with a host copy of this rank's shard
-        local = _host_copy(tensor.to_local(), where, previous)
+        local = _host_copy(tensor.to_local(), where, previous, deferred)
         return DTensor(local, tensor._spec, requires_grad=False)
     copy = previous.get(where)
     if copy is None or copy.shape != tensor.shape or copy.dtype != tensor.dtype or (
             copy.is_pinned() != tensor.is_cuda):
         copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
                            pin_memory=tensor.is_cuda)
-    copy.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+    source = tensor.detach()
+    if deferred is None:
+        copy.copy_(source, non_blocking=tensor.is_cuda)
+    else:
+        deferred.copies.append((source, copy, where, source._version))
     _staged[where] = copy
     return copy
