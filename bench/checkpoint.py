@@ -27,7 +27,8 @@ shows medians and the load average (the machine is shared). Implementations:
 Measured per run, after one untimed save (a run saves again and again: the timed save
 is the second, with the library's imports done): save seconds as the library returns
 (`save_s`), and until the files are durable (`durable_s`: + fsync of every file written,
-~0 for those that fsync already); load seconds "evicted" (every file of the checkpoint
+~0 for those that fsync already; an async save's includes the training step that ran
+while it wrote); load seconds "evicted" (every file of the checkpoint
 evicted from the page cache first with posix_fadvise(DONTNEED): the kernel drops clean
 pages of a file on request without root; /proc/sys/vm/drop_caches needs root) and "warm"
 (loaded again right away, files cached). Loads go into a second, already allocated
@@ -232,14 +233,19 @@ def worker(impl: str, workdir: Path) -> dict:
         start = time.perf_counter()
         handle = save(source, optimizer)
         saved = time.perf_counter()
+        background = hasattr(handle, "wait")
+        if not background:  # a blocking save is durable once its files are fsynced
+            fsync_all(target)
+            durable = time.perf_counter()
         marks["held"] = 0.0
+        step_start = time.perf_counter()
         step()  # the training goes on (an async save: while it writes)
-        stall = time.perf_counter() - start - alone
+        stall = saved - start + time.perf_counter() - step_start - alone
         blocked = saved - start + marks["held"]
-        if hasattr(handle, "wait"):
+        if background:  # durable when the background write is, the step run meanwhile
             handle.wait()
-        fsync_all(target)
-        durable = time.perf_counter()
+            fsync_all(target)
+            durable = time.perf_counter()
         fsync_all(target, evict=True)
         start_cold = time.perf_counter()
         load(copy, None)

@@ -1,4 +1,4 @@
-"""How fast can a verified load of an evicted file be, here? Five ways to read 1 GiB.
+"""How fast can a verified load of an evicted file be, here? Six ways to read 1 GiB.
 
 `checkpoint.py` compares accel's verified load with the disk's own dd-like read. This
 bench takes the load apart on one raw 1 GiB file (evicted from the page cache before each
@@ -15,6 +15,9 @@ read with posix_fadvise(DONTNEED)), one process, one torch thread:
 - `verify_only`: the same without any copy: the floor of a mapped, verified read.
 - `readinto_hash`: `readinto` the target itself and hash each piece: a verified dd,
   not transactional either.
+- `readinto_fresh`: `readinto` newly allocated memory and hash each piece; the model's
+  tensors would then be swapped for the new ones (no copy): transactional, at the cost
+  of a second model's memory until the swap, and of the kernel's first touch of it.
 
     python bench/load_floor.py              # 7 rounds, ~1 minute
     python bench/load_floor.py --rounds 3
@@ -98,9 +101,13 @@ def readinto_hash(path: Path, target: torch.Tensor) -> None:
             xxhash.xxh3_64_hexdigest(view[start:start + PIECE])
 
 
+def readinto_fresh(path: Path, target: torch.Tensor) -> None:
+    readinto_hash(path, torch.empty_like(target))
+
+
 WAYS = {"dd": dd, "verify_then_copy": verify_then_copy,
         "overlapped_copy": pipelined, "verify_only": lambda p, t: pipelined(p, None),
-        "readinto_hash": readinto_hash}
+        "readinto_hash": readinto_hash, "readinto_fresh": readinto_fresh}
 
 
 def main() -> None:

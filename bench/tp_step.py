@@ -14,7 +14,9 @@ Scenarios, each a torchrun job on gloo with OMP_NUM_THREADS=1:
 Rounds alternate the implementations inside each process in ABBA order (raw, accel,
 accel, raw, ...), so both see the same machine load and neither always runs first; the
 ratio is the median over rounds of raw time / accel time per step (1.0: no overhead,
-above 1: accel faster).
+above 1: accel faster): wall time, and CPU time of the main thread (forward, backward,
+optimizer and the library, not the waits for the other rank or for a core), the steadier
+one when two ranks share two cores with gloo's threads.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def worker(scenario: str, rounds: int, steps: int, warmup: int) -> None:
     gen = torch.Generator().manual_seed(ctx.dp_rank)
     ids = torch.randint(0, 256, (BATCH, SEQ), generator=gen)
     times: dict[str, list[float]] = {name: [] for name in impls}
+    cpu: dict[str, list[float]] = {name: [] for name in impls}
     for step in impls.values():
         for _ in range(warmup):
             step(ids)
@@ -117,18 +120,22 @@ def worker(scenario: str, rounds: int, steps: int, warmup: int) -> None:
         order = list(impls.items()) if round_ % 2 == 0 else list(impls.items())[::-1]
         for name, step in order:  # ABBA: neither goes first every time
             torch.distributed.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             for _ in range(steps):
                 step(ids)
+            cpu[name].append((time.thread_time() - start_cpu) / steps)
             torch.distributed.barrier()
             times[name].append((time.perf_counter() - start) / steps)
     if ctx.is_main_process:
         raw, ours = statistics.median(times["raw"]), statistics.median(times["accel"])
-        ratio = statistics.median(r / a for r, a in zip(times["raw"], times["accel"],
-                                                         strict=True))
         print(f"{scenario}: raw {raw * 1e3:.1f} ms/step, accel {ours * 1e3:.1f} ms/step, "
-              f"ratio raw/accel {ratio:.3f} (median of {rounds} paired rounds)", flush=True)
+              f"ratio raw/accel {paired_ratio(times):.3f} wall, {paired_ratio(cpu):.3f} "
+              f"main-thread CPU (medians of {rounds} paired rounds)", flush=True)
     accel.shutdown(ctx)
+
+
+def paired_ratio(times: dict[str, list[float]]) -> float:
+    return statistics.median(r / a for r, a in zip(times["raw"], times["accel"], strict=True))
 
 
 def main() -> None:

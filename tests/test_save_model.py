@@ -362,3 +362,36 @@ def test_deepspeed_zero3_export_and_load(tmp_path):
     assert not torch.allclose(trained, logits(initial))
     assert "lm_head.weight" not in json.loads((tmp_path / "ds" / INDEX_NAME).read_text())[
         "weight_map"]
+
+
+class Odd(nn.Module):
+    """Tensors at offsets that are not page- or even element-aligned, one empty."""
+
+    def __init__(self):
+        super().__init__()
+        self.flag = nn.Parameter(torch.tensor([1.0, 0.0, 1.0]).to(torch.bool), requires_grad=False)
+        self.small = nn.Parameter(torch.arange(5, dtype=torch.int8), requires_grad=False)
+        self.empty = nn.Parameter(torch.empty(0, 4))
+        self.big = nn.Parameter(torch.randn(300, 1000))
+
+
+def test_load_model_copies_from_the_files_mapping_at_any_offset_and_converts(tmp_path,
+                                                                              monkeypatch):
+    from safetensors.torch import save_file
+
+    from accel.checkpoint import weights
+
+    torch.manual_seed(0)
+    source = Odd()
+    state = {name: tensor.detach() for name, tensor in source.state_dict().items()}
+    state["big"] = state["big"].to(torch.bfloat16)  # a bf16 file into an fp32 model
+    save_file(state, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
+    monkeypatch.setattr(weights, "_READ_PIECE", 4096 * 3)  # 1.2 MB read in many pieces
+    target = Odd()
+    before = target.big.data_ptr()
+    load_model(target, tmp_path, Context())
+    assert target.big.data_ptr() == before  # copied into the model's own memory
+    for name, value in state.items():
+        loaded = target.state_dict()[name]
+        assert loaded.dtype == source.state_dict()[name].dtype
+        assert torch.equal(loaded, value.to(loaded.dtype)), name

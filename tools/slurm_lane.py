@@ -278,11 +278,11 @@ def check_job(name: str, state: str, out_dir: Path, reference: Path) -> list[str
 
 
 def reference_run(python: Path, out_dir: Path, env: dict[str, str]) -> Path:
-    """`accel launch -n 2` outside SLURM: what every job must reproduce."""
+    """Plain torchrun with 2 processes outside SLURM: what every job must reproduce."""
     out = out_dir / "torchrun.json"
-    done = subprocess.run([str(python), "-m", "accel", "launch", "-n", "2", TRAIN, "--out",
-                           str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([str(python), "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", TRAIN, "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"the torchrun reference run failed ({done.returncode}):\n"
                            f"{done.stderr[-3000:]}")

@@ -178,7 +178,9 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
     Reads what `save_model` and `save_pretrained` write: a folder with
     model.safetensors.index.json or model.safetensors, one .safetensors file, or foreign
     .bin/.pt files (through `torch.load(weights_only=True)`). Every file is checked
-    before any weight is copied. An FSDP2 rank keeps only its own slice of each tensor.
+    before any weight is copied; safetensors weights are then copied into the model's own
+    tensors straight from the file's mapping, read in 64 MiB requests (no tensor in
+    between). An FSDP2 rank keeps only its own slice of each tensor.
     For a model on the meta device or already sharded, where each rank should read only
     the slices it holds, use `accel.load_pretrained`.
 
@@ -207,7 +209,11 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
         target = targets[name]
         if identity(target) not in done:  # a tied tensor is copied once
             done.add(identity(target))
-            _copy_into(target, sources.read(source))
+            with torch.no_grad():
+                if isinstance(target, DTensor):
+                    _copy_into_shard(target, sources.read(source))
+                else:
+                    sources.copy_into(source, target)
     return result
 
 
@@ -251,13 +257,9 @@ def _check_fits(sources: WeightFiles, targets: dict[str, torch.Tensor],
         "that both hold (their shapes must still match)."))
 
 
-def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
-    with torch.no_grad():
-        if isinstance(target, DTensor):
-            # Every rank holds the file: it slices its own shard, nothing is sent.
-            local = distribute_tensor(source.to(target.device, target.dtype), target.device_mesh,
-                                      target.placements, src_data_rank=None).to_local()
-            target.to_local().copy_(local)
-        else:
-            target.copy_(source)
+def _copy_into_shard(target: DTensor, source: torch.Tensor) -> None:
+    # Every rank holds the file: it slices its own shard, nothing is sent.
+    local = distribute_tensor(source.to(target.device, target.dtype), target.device_mesh,
+                              target.placements, src_data_rank=None).to_local()
+    target.to_local().copy_(local)
 

@@ -33,6 +33,7 @@ from accel.checkpoint.files import (
     Record,
     fsync_path,
     index_files,
+    read_ahead,
     read_verified,
     replacing,
     write_bytes,
@@ -48,6 +49,7 @@ TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 # transformers refuses a safetensors file whose metadata does not say "pt".
 _METADATA = {"format": "pt"}
 _DTYPE_OF = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+_READ_PIECE = 64 << 20  # bytes of a file read ahead at once by WeightFiles.copy_into
 # The files write_safetensors_shards writes, and their temporary names: the only files
 # it ever removes from a folder.
 _OWN_FILE = re.compile(r"(model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors)"
@@ -241,23 +243,44 @@ def read_tensors(path: Path, record: Mapping[str, Any] | None = None) -> dict[st
             f"the checkpoint file {path} cannot be read as safetensors ({exc})") from None
 
 
+class Placed(NamedTuple):
+    """Where a tensor lies in a safetensors file: bytes [start, end) of the file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
 def _tensors_in(data: mmap.mmap | bytes) -> dict[str, torch.Tensor]:
+    return {name: _view(data, placed) for name, placed in _placements(data).items()}
+
+
+def _placements(data: mmap.mmap | bytes) -> dict[str, Placed]:
+    """Every tensor of a safetensors file's bytes, checked to fit its place."""
     length = int.from_bytes(data[:8], "little")
     if len(data) < 8 or 8 + length > len(data):
         raise ValueError(f"a header of {length} bytes in a file of {len(data)}")
     header = json.loads(bytes(data[8:8 + length]))
-    start, tensors = 8 + length, {}
+    start, placed = 8 + length, {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         dtype, shape = _DTYPE_OF[entry["dtype"]], tuple(entry["shape"])
         begin, end = entry["data_offsets"]
-        count = math.prod(shape)
-        if end - begin != count * dtype.itemsize or begin < 0 or start + end > len(data):
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or start + end > len(data):
             raise ValueError(f"{name} does not fit its place in the file")
-        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin)
-                         .reshape(shape) if count else torch.empty(shape, dtype=dtype))
-    return tensors
+        placed[name] = Placed(dtype, shape, start + begin, start + end)
+    return placed
+
+
+def _view(data: mmap.mmap | bytes, placed: Placed) -> torch.Tensor:
+    """The tensor at `placed`, a view of `data` (no copy)."""
+    count = math.prod(placed.shape)
+    if not count:
+        return torch.empty(placed.shape, dtype=placed.dtype)
+    return (torch.frombuffer(data, dtype=placed.dtype, count=count, offset=placed.start)
+            .reshape(placed.shape))
 
 
 # --------------------------------------------------------------------------- read
@@ -277,6 +300,7 @@ class WeightFiles:
         self.path = Path(path)
         self.file_of = _locate(self.path)
         self._torch_files: dict[Path, dict[str, torch.Tensor]] = {}
+        self._mapped: dict[Path, tuple[mmap.mmap, dict[str, Placed]]] = {}
         self._specs: dict[str, TensorSpec] = {}
         for file in dict.fromkeys(self.file_of.values()):
             self._specs.update(self._read_specs(file))
@@ -302,6 +326,35 @@ class WeightFiles:
                 return handle.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise CorruptCheckpointError(f"cannot read {name} from {file}: {exc}") from exc
+
+    def copy_into(self, name: str, target: torch.Tensor) -> None:
+        """Copy `name` into `target` (a tensor of its shape; any dtype, any device).
+
+        A safetensors tensor is copied straight from the file's mapping, read in large
+        requests first: one copy, and no tensor allocated on the way (fresh memory,
+        faulted in page by page, costs more than the copy; measured 2.5x the load time).
+        """
+        file = self.file_of[name]
+        if file.suffix != ".safetensors":
+            target.copy_(self.read(name))
+            return
+        if file not in self._mapped:
+            self._mapped[file] = self._map(file)
+        data, placed = self._mapped[file]
+        where = placed[name]
+        read = read_ahead(data)
+        for start in range(where.start, where.end, _READ_PIECE):
+            read(start, min(_READ_PIECE, where.end - start))
+        target.copy_(_view(data, where))
+
+    @staticmethod
+    def _map(file: Path) -> tuple[mmap.mmap, dict[str, Placed]]:
+        try:  # copy-on-write: a writable buffer for torch, never written
+            with open(file, "rb") as stream:
+                data = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY)
+            return data, _placements(data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptCheckpointError(f"cannot read {file} ({exc}); save it again") from exc
 
     def _read_specs(self, file: Path) -> dict[str, TensorSpec]:
         if not file.is_file():

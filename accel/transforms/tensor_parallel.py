@@ -41,6 +41,8 @@ def tensor_parallel(
     parameters become DTensors sharded over `ctx.mesh["tp"]`, and hooks lay out their
     inputs and outputs. Apply it after `with_amp` and before `shard_model` (FSDP then
     shards the other dimension, as torchtitan composes them) and `wrap_optimizer`.
+    Tied parameters (an embedding and LM head with tie_word_embeddings) stay one tensor,
+    as torch's parallelize_module alone would not keep them.
 
     Args:
         plan: {module-name pattern (fnmatch, e.g. "model.layers.*.mlp.up_proj"): torch
@@ -56,7 +58,8 @@ def tensor_parallel(
 
     Raises:
         IncompatibleOptionsError: no `tp` dimension, a head count the degree does not
-            divide, a pattern that matches no module, two patterns on one module.
+            divide, a pattern that matches no module, two patterns on one module, tied
+            parameters the plan lays out differently.
         UnsupportedError: plan="auto" for a model class without a built-in plan.
         TransformOrderError: after shard_model or wrap_optimizer, or applied twice.
 
@@ -88,7 +91,9 @@ def tensor_parallel(
     if not any(p.is_meta for p in model.parameters()):  # meta: load_pretrained allocates it
         model.to(ctx.device)
     sync_from_rank0(model, ctx)  # every rank cuts its shard from the same tensor
+    ties = tied_parameters(model)
     parallelize_module(model, ctx.mesh["tp"], resolved)
+    retie(ties)
     return _finish(model, ctx, sequence_parallel, loss_parallel)
 
 
@@ -191,6 +196,42 @@ def expand_plan(model: nn.Module, plan: Mapping[str, ParallelStyle]) -> dict[str
             f"tensor_parallel: the plan's patterns {unmatched} match no module of this "
             f"{type(model).__name__} (modules are named like {names[:3]}); fix the names")
     return resolved
+
+
+def tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
+    """[(module, attribute, full name), ...] for each parameter that several modules hold."""
+    holders: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for prefix, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append(
+                (module, name, f"{prefix}.{name}" if prefix else name))
+    return [group for group in holders.values() if len(group) > 1]
+
+
+def retie(ties: list[list[tuple[nn.Module, str, str]]]) -> None:
+    """Tie again what `parallelize_module` untied (it distributes each module's parameters
+    apart: a tied embedding and LM head would become two tensors, each with half the
+    gradient). Tied parameters must come out with one layout."""
+    for (first, attribute, first_name), *others in ties:
+        kept = getattr(first, attribute)
+        for module, name, full_name in others:
+            if getattr(module, name) is kept:
+                continue
+            if _layout(getattr(module, name)) != _layout(kept):
+                raise IncompatibleOptionsError(
+                    f"tensor_parallel: {first_name} and {full_name} are one tied parameter, "
+                    f"but the plan lays them out differently ({_layout(kept)} and "
+                    f"{_layout(getattr(module, name))}), and the model is now partly "
+                    "parallelised; give both modules styles that shard the weight alike "
+                    "(RowwiseParallel on an embedding and ColwiseParallel on a linear head "
+                    "both shard dim 0), or untie them (transformers: "
+                    "config.tie_word_embeddings=False)")
+            module.register_parameter(name, kept)
+
+
+def _layout(tensor: Any) -> str:
+    placements = tuple(tensor.placements) if isinstance(tensor, DTensor) else "not sharded"
+    return f"{placements} of {tuple(tensor.shape)}"
 
 
 def check_head_counts(model: nn.Module, degree: int) -> None:
