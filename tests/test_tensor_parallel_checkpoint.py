@@ -1,5 +1,6 @@
-"""A checkpoint of a TP 2 x FSDP 2 run loads on FSDP 4, on TP 2 and on one process, and the
-next steps follow the uninterrupted run; save_model of it loads with from_pretrained.
+"""A checkpoint of a TP 2 x FSDP 2 run loads on the same mesh, on FSDP 4, on TP 2 and on one
+process, and the next steps follow the uninterrupted run (bitwise on the same mesh);
+save_model of it loads with from_pretrained.
 
 The global batch stays 8 samples per step on every mesh (dp ranks x per-rank batch), so
 every mesh sees the same samples in each step.
@@ -98,10 +99,11 @@ def original(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("mesh", "world", "tp", "strategy"), [
+    ({"dp_shard": 2, "tp": 2}, 4, True, accel.FSDP()),
     ({"dp_shard": 4}, 4, False, accel.FSDP()),
     ({"tp": 2}, 2, True, None),
     (None, 1, False, "single"),
-], ids=["fsdp4", "tp2", "one-process"])
+], ids=["same-mesh", "fsdp4", "tp2", "one-process"])
 def test_checkpoint_of_tp_x_fsdp_loads_on_another_mesh_and_continues(original, mesh, world,
                                                                      tp, strategy):
     folder, run = original
@@ -112,7 +114,9 @@ def test_checkpoint_of_tp_x_fsdp_loads_on_another_mesh_and_continues(original, m
                            timeout=400)[0]
     assert_close(result["loaded"]["params"], run["saved"]["params"], 0.0, "params")
     assert_close(result["loaded"]["moments"], run["saved"]["moments"], 0.0, "adam moments")
-    assert_close(result["end"], run["end"], 1e-5, "after the next steps")
+    # the same mesh repeats the same sums: bitwise; another sums in another order
+    same = mesh == {"dp_shard": 2, "tp": 2}
+    assert_close(result["end"], run["end"], 0.0 if same else 1e-5, "after the next steps")
 
 
 def test_save_model_of_tp_x_fsdp_loads_with_from_pretrained(original):
