@@ -179,8 +179,8 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], ctx: Context, *,
     model.safetensors.index.json or model.safetensors, one .safetensors file, or foreign
     .bin/.pt files (through `torch.load(weights_only=True)`). Every file is checked
     before any weight is copied; safetensors weights are then copied into the model's own
-    tensors straight from the file's mapping, read in 64 MiB requests (no tensor in
-    between). An FSDP2 rank keeps only its own slice of each tensor.
+    tensors straight from the file's mapping, each tensor's range read in whole first
+    (no tensor in between). An FSDP2 rank keeps only its own slice of each tensor.
     For a model on the meta device or already sharded, where each rank should read only
     the slices it holds, use `accel.load_pretrained`.
 

@@ -49,7 +49,6 @@ TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 # transformers refuses a safetensors file whose metadata does not say "pt".
 _METADATA = {"format": "pt"}
 _DTYPE_OF = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-_READ_PIECE = 64 << 20  # bytes of a file read ahead at once by WeightFiles.copy_into
 # The files write_safetensors_shards writes, and their temporary names: the only files
 # it ever removes from a folder.
 _OWN_FILE = re.compile(r"(model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors)"
@@ -300,7 +299,7 @@ class WeightFiles:
         self.path = Path(path)
         self.file_of = _locate(self.path)
         self._torch_files: dict[Path, dict[str, torch.Tensor]] = {}
-        self._mapped: dict[Path, tuple[mmap.mmap, dict[str, Placed]]] = {}
+        self._mapped: dict[Path, tuple[mmap.mmap | bytes, dict[str, Placed]]] = {}
         self._specs: dict[str, TensorSpec] = {}
         for file in dict.fromkeys(self.file_of.values()):
             self._specs.update(self._read_specs(file))
@@ -330,9 +329,10 @@ class WeightFiles:
     def copy_into(self, name: str, target: torch.Tensor) -> None:
         """Copy `name` into `target` (a tensor of its shape; any dtype, any device).
 
-        A safetensors tensor is copied straight from the file's mapping, read in large
-        requests first: one copy, and no tensor allocated on the way (fresh memory,
-        faulted in page by page, costs more than the copy; measured 2.5x the load time).
+        A safetensors tensor is copied straight from the file's mapping, its range
+        populated first (the disk read in large requests): one copy, and no tensor
+        allocated on the way (fresh memory, faulted in page by page, costs more than the
+        copy; measured 2.5x the load time).
         """
         file = self.file_of[name]
         if file.suffix != ".safetensors":
@@ -342,18 +342,15 @@ class WeightFiles:
             self._mapped[file] = self._map(file)
         data, placed = self._mapped[file]
         where = placed[name]
-        read = read_ahead(data)
-        for start in range(where.start, where.end, _READ_PIECE):
-            read(start, min(_READ_PIECE, where.end - start))
+        read_ahead(data)(where.start, where.end - where.start)
         target.copy_(_view(data, where))
 
     @staticmethod
-    def _map(file: Path) -> tuple[mmap.mmap, dict[str, Placed]]:
-        try:  # copy-on-write: a writable buffer for torch, never written
-            with open(file, "rb") as stream:
-                data = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY)
+    def _map(file: Path) -> tuple[mmap.mmap | bytes, dict[str, Placed]]:
+        data = read_verified(file)  # the copy-on-write mapping (never written)
+        try:
             return data, _placements(data)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"cannot read {file} ({exc}); save it again") from exc
 
     def _read_specs(self, file: Path) -> dict[str, TensorSpec]:

@@ -215,13 +215,14 @@ def retie(ties: list[list[tuple[nn.Module, str, str]]]) -> None:
     for (first, attribute, first_name), *others in ties:
         kept = getattr(first, attribute)
         for module, name, full_name in others:
-            if getattr(module, name) is kept:
+            other = getattr(module, name)
+            if other is kept:
                 continue
-            if _layout(getattr(module, name)) != _layout(kept):
+            if _layout(other) != _layout(kept):
                 raise IncompatibleOptionsError(
                     f"tensor_parallel: {first_name} and {full_name} are one tied parameter, "
                     f"but the plan lays them out differently ({_layout(kept)} and "
-                    f"{_layout(getattr(module, name))}), and the model is now partly "
+                    f"{_layout(other)}), and the model is now partly "
                     "parallelised; give both modules styles that shard the weight alike "
                     "(RowwiseParallel on an embedding and ColwiseParallel on a linear head "
                     "both shard dim 0), or untie them (transformers: "
